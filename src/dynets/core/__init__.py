@@ -1,0 +1,1 @@
+"""Outputs, cost accounting, registry, configs and save/load."""

@@ -1,0 +1,47 @@
+"""Shared test fixtures: access to the read-only ``../shared`` data (see ``dynets.data.data_root``).
+
+Tests that need shared data take the ``require_shared`` fixture and call it with a path relative to the
+data root. Locally a missing file skips the test; in CI (the ``CI`` environment variable set) it fails,
+so a broken data set-up can never pass silently as a run of skips.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dynets.data import data_root
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_shared(relpath: str = "") -> Path:
+    """``data_root() / relpath`` if it exists; otherwise fail the test in CI, skip it elsewhere."""
+    try:
+        path = data_root() / relpath
+    except FileNotFoundError as e:  # no data root at all: its message names DYNETS_DATA and the paths tried
+        msg = f"shared data {relpath!r} unavailable: {e}"
+    else:
+        if path.exists():
+            return path
+        msg = f"shared data not found: {path}; set DYNETS_DATA to the folder that holds data/"
+    if _in_ci():
+        pytest.fail(f"CI requires shared data: {msg}", pytrace=False)
+    pytest.skip(msg)
+
+
+@pytest.fixture(name="require_shared", scope="session")
+def _require_shared_fixture() -> Callable[[str], Path]:
+    """The ``require_shared(relpath) -> Path`` function, as a fixture for test files."""
+    return require_shared
+
+
+@pytest.fixture(scope="session")
+def shared_root() -> Path:
+    """The shared data root (skips locally, fails in CI, when there is none)."""
+    return require_shared("")

@@ -65,6 +65,7 @@ def test_digits_deterministic_disjoint_covering_and_stratified():
 
     a, b = load_dataset("digits", "val"), load_dataset("digits", "val")
     assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+
     def rows(ds: ArrayDataset) -> list[tuple]:
         return list(map(tuple, torch.cat([ds.x.flatten(1) * 16, ds.y[:, None]], 1).round().tolist()))
 
@@ -114,8 +115,13 @@ def test_npz_xy_split_70_10_20_disjoint_and_covering(tmp_path):
 def test_npz_axis_layouts(tmp_path, layout):
     c = 3 if "3" in layout else 1
     ref = np.random.default_rng(1).integers(0, 256, size=(6, c, 5, 7), dtype=np.uint8)  # (N, C, H, W)
-    given = {"NHW": ref[:, 0], "NHW1": ref.transpose(0, 2, 3, 1), "NHW3": ref.transpose(0, 2, 3, 1),
-             "N1HW": ref, "N3HW": ref}[layout]
+    given = {
+        "NHW": ref[:, 0],
+        "NHW1": ref.transpose(0, 2, 3, 1),
+        "NHW3": ref.transpose(0, 2, 3, 1),
+        "N1HW": ref,
+        "N3HW": ref,
+    }[layout]
     spec = _write_npz(tmp_path, x_train=given, y_train=np.zeros(6, int), x_test=given, y_test=np.ones(6, int))
     ds = load_dataset(spec, "test")
     assert ds.input_shape == (c, 5, 7)
@@ -129,8 +135,16 @@ def test_npz_train_test_keys_val_carved_or_given_and_floats_kept(tmp_path):
     assert (len(train), len(val), len(test)) == (36, 4, 5)
     torch.testing.assert_close(test.x[:, 0], torch.from_numpy(x[:5]).float())
     assert test.x.dtype == torch.float32 and float(train.x.min()) >= -1 and float(train.x.max()) <= 2
-    spec = _write_npz(tmp_path, "v.npz", x_train=_tagged(8), y_train=np.zeros(8, int), x_test=_tagged(2),
-                      y_test=np.zeros(2, int), x_val=_tagged(3), y_val=np.zeros(3, int))
+    spec = _write_npz(
+        tmp_path,
+        "v.npz",
+        x_train=_tagged(8),
+        y_train=np.zeros(8, int),
+        x_test=_tagged(2),
+        y_test=np.zeros(2, int),
+        x_val=_tagged(3),
+        y_val=np.zeros(3, int),
+    )
     assert _ids(load_dataset(spec, "val")) == [0, 1, 2] and len(load_dataset(spec, "train")) == 8
 
 
@@ -288,12 +302,15 @@ def _idx_gz(path, magic: int, dims: tuple[int, ...], payload: bytes, cut: int | 
     path.write_bytes(data[:cut])
 
 
-@pytest.mark.parametrize("case, match", [
-    ("magic", r"t10k-images-idx3-ubyte\.gz: expected idx magic number 2051, found 2049"),
-    ("shape", r"expected shape \(10000, 28, 28\), found \(5, 28, 28\)"),
-    ("short", r"expected 7840000 data bytes for shape \(10000, 28, 28\), found 10"),
-    ("gzip", r"t10k-images-idx3-ubyte\.gz: truncated or corrupt gzip"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("magic", r"t10k-images-idx3-ubyte\.gz: expected idx magic number 2051, found 2049"),
+        ("shape", r"expected shape \(10000, 28, 28\), found \(5, 28, 28\)"),
+        ("short", r"expected 7840000 data bytes for shape \(10000, 28, 28\), found 10"),
+        ("gzip", r"t10k-images-idx3-ubyte\.gz: truncated or corrupt gzip"),
+    ],
+)
 def test_mnist_corrupt_files(tmp_path, case, match):
     path = tmp_path / "data" / "mnist" / "t10k-images-idx3-ubyte.gz"
     magic, dims, payload, cut = 2051, (10000, 28, 28), bytes(10), None
@@ -309,8 +326,11 @@ def test_mnist_corrupt_files(tmp_path, case, match):
 
 
 def test_bad_specs_splits_and_paths(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown dataset spec 'imagenet'; expected one of 'cifar10', "
-                                         r"'digits', 'mnist', 'npz:PATH', 'folder:PATH'"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown dataset spec 'imagenet'; expected one of 'cifar10', "
+        r"'digits', 'mnist', 'npz:PATH', 'folder:PATH'",
+    ):
         load_dataset("imagenet")
     with pytest.raises(ValueError, match=r"split must be one of 'train', 'val', 'test'; got 'valid'"):
         load_dataset("digits", "valid")
@@ -330,22 +350,36 @@ def test_bad_specs_splits_and_paths(tmp_path):
         load_dataset("cifar10", "test", root=tmp_path)
 
 
-@pytest.mark.parametrize("arrays, match", [
-    ({"x": np.zeros((10, 4, 4), np.uint8), "y": np.zeros(9, int)},
-     r"x and y must have the same length; got 10 images, 9 labels"),
-    ({"x": np.full((3, 4, 4), np.nan), "y": np.zeros(3, int)}, r"x must be finite; got 48 NaN or inf values"),
-    ({"x": np.zeros((10, 16), np.uint8), "y": np.zeros(10, int)},
-     (r"x must have shape \(N, H, W\), \(N, H, W, C\) or \(N, C, H, W\) with C in \{1, 3\}; "
-      r"got shape \(10, 16\)")),
-    ({"x": np.zeros((2, 5, 4, 4), np.uint8), "y": np.zeros(2, int)}, r"got shape \(2, 5, 4, 4\)"),
-    ({"x": np.zeros((2, 4, 4), np.int32), "y": np.zeros(2, int)}, r"x must be uint8 .* got dtype int32"),
-    ({"x": np.zeros((2, 4, 4)), "y": np.array([0.5, 1.0])},
-     r"y must hold integer or string labels; got non-integer floats"),
-    ({"x": np.zeros((2, 4, 4)), "y": np.array([0, -1])}, r"y must hold class indices >= 0; got -1"),
-    ({"x": np.zeros((2, 4, 4)), "y": np.zeros((2, 2))}, r"y must have shape \(N,\); got shape \(2, 2\)"),
-    ({"images": np.zeros((2, 4, 4))}, r"expected keys x, y or x_train, .*; found \['images'\]"),
-    ({"x": np.zeros((2, 4, 4)), "y": np.array(["a", None], dtype=object)}, r"cannot load without pickle"),
-])
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        (
+            {"x": np.zeros((10, 4, 4), np.uint8), "y": np.zeros(9, int)},
+            r"x and y must have the same length; got 10 images, 9 labels",
+        ),
+        (
+            {"x": np.full((3, 4, 4), np.nan), "y": np.zeros(3, int)},
+            r"x must be finite; got 48 NaN or inf values",
+        ),
+        (
+            {"x": np.zeros((10, 16), np.uint8), "y": np.zeros(10, int)},
+            (
+                r"x must have shape \(N, H, W\), \(N, H, W, C\) or \(N, C, H, W\) with C in \{1, 3\}; "
+                r"got shape \(10, 16\)"
+            ),
+        ),
+        ({"x": np.zeros((2, 5, 4, 4), np.uint8), "y": np.zeros(2, int)}, r"got shape \(2, 5, 4, 4\)"),
+        ({"x": np.zeros((2, 4, 4), np.int32), "y": np.zeros(2, int)}, r"x must be uint8 .* got dtype int32"),
+        (
+            {"x": np.zeros((2, 4, 4)), "y": np.array([0.5, 1.0])},
+            r"y must hold integer or string labels; got non-integer floats",
+        ),
+        ({"x": np.zeros((2, 4, 4)), "y": np.array([0, -1])}, r"y must hold class indices >= 0; got -1"),
+        ({"x": np.zeros((2, 4, 4)), "y": np.zeros((2, 2))}, r"y must have shape \(N,\); got shape \(2, 2\)"),
+        ({"images": np.zeros((2, 4, 4))}, r"expected keys x, y or x_train, .*; found \['images'\]"),
+        ({"x": np.zeros((2, 4, 4)), "y": np.array(["a", None], dtype=object)}, r"cannot load without pickle"),
+    ],
+)
 def test_npz_bad_input(tmp_path, arrays, match):
     with pytest.raises(ValueError, match=match):
         load_dataset(_write_npz(tmp_path, **arrays))
@@ -359,8 +393,11 @@ def test_array_dataset_validates():
         ArrayDataset(x, y[:3], ["a"], "t")
     with pytest.raises(ValueError, match=r"x must be finite; got 1 NaN or inf"):
         ArrayDataset(torch.where(torch.arange(16).view(4, 1, 2, 2) == 5, float("nan"), x), y, ["a"], "t")
-    with pytest.raises(ValueError, match=r"y must hold class indices in \[0, 1\) for 1 classes; got values "
-                                         r"in \[0, 3\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"y must hold class indices in \[0, 1\) for 1 classes; got values "
+        r"in \[0, 3\]",
+    ):
         ArrayDataset(x, torch.arange(4), ["a"], "t")
     with pytest.raises(ValueError, match=r"x must be float32; got torch.float64"):
         ArrayDataset(x.double(), y, ["a"], "t")

@@ -63,8 +63,8 @@ def _reference_exits(model, x, policy):
         state = policy.init_state(1, x.device)
         k_done = K - 1
         for k in range(K - 1):
-            learned = model.exit_predictors[k](ref[k][i:i + 1]) if policy.needs_learned else None
-            stop, state = policy.step(k, ref[k][i:i + 1], state, learned)
+            learned = model.exit_predictors[k](ref[k][i : i + 1]) if policy.needs_learned else None
+            stop, state = policy.step(k, ref[k][i : i + 1], state, learned)
             if bool(stop[0]):
                 k_done = k
                 break
@@ -113,7 +113,7 @@ def test_batch_of_one_matches_batched(model):
     policy = _quantile_policy(model, x)
     batched = model(x, policy=policy)
     for i in range(12):
-        single = model(x[i:i + 1], policy=policy)
+        single = model(x[i : i + 1], policy=policy)
         assert int(single.exit_index) == int(batched.exit_index[i])
         assert torch.allclose(single.logits[0], batched.logits[i], atol=1e-5)
         assert float(single.flops) == float(batched.flops[i])
@@ -133,8 +133,13 @@ def test_flops_are_the_sum_of_units_run(model):
 
 
 def test_unit_costs_match_flop_counter_formula():
-    lin = EarlyExitNetwork([nn.Linear(10, 20), nn.Sequential(nn.ReLU(), nn.Linear(20, 20))],
-                           [nn.Linear(20, 3), nn.Linear(20, 3)], [0, 1], input_shape=(10,), num_classes=3)
+    lin = EarlyExitNetwork(
+        [nn.Linear(10, 20), nn.Sequential(nn.ReLU(), nn.Linear(20, 20))],
+        [nn.Linear(20, 3), nn.Linear(20, 3)],
+        [0, 1],
+        input_shape=(10,),
+        num_classes=3,
+    )
     u = lin.unit_costs()
     assert u["stages"] == [2 * 10 * 20, 2 * 20 * 20]
     assert u["heads"] == [2 * 20 * 3, 2 * 20 * 3]
@@ -143,9 +148,17 @@ def test_unit_costs_match_flop_counter_formula():
 
 def test_user_defined_stages_train_and_dynamic():
     torch.manual_seed(0)
-    net = EarlyExitNetwork([nn.Sequential(nn.Linear(6, 16), nn.ReLU()), nn.Sequential(nn.Linear(16, 16), nn.ReLU()),
-                            nn.Sequential(nn.Linear(16, 16), nn.ReLU())],
-                           [nn.Linear(16, 4), nn.Linear(16, 4)], [1, 2], input_shape=(6,), num_classes=4)
+    net = EarlyExitNetwork(
+        [
+            nn.Sequential(nn.Linear(6, 16), nn.ReLU()),
+            nn.Sequential(nn.Linear(16, 16), nn.ReLU()),
+            nn.Sequential(nn.Linear(16, 16), nn.ReLU()),
+        ],
+        [nn.Linear(16, 4), nn.Linear(16, 4)],
+        [1, 2],
+        input_shape=(6,),
+        num_classes=4,
+    )
     x = torch.randn(9, 6)
     net.train()
     out = net(x)
@@ -160,13 +173,16 @@ def test_empty_batch_returns_empty_output(model):
     assert out.logits.shape == (0, 10) and out.exit_index.numel() == 0 and out.flops.numel() == 0
 
 
-@pytest.mark.parametrize("bad, match", [
-    (torch.zeros(2, 1, 32, 32), r"expected shape \(B, 3, 32, 32\), got \(2, 1, 32, 32\)"),
-    (torch.zeros(2, 3, 28, 28), r"expected shape"),
-    (torch.zeros(3, 32, 32), r"expected shape"),
-    (torch.full((2, 3, 32, 32), float("nan")), r"NaN or inf"),
-    (torch.full((2, 3, 32, 32), float("inf")), r"NaN or inf"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.zeros(2, 1, 32, 32), r"expected shape \(B, 3, 32, 32\), got \(2, 1, 32, 32\)"),
+        (torch.zeros(2, 3, 28, 28), r"expected shape"),
+        (torch.zeros(3, 32, 32), r"expected shape"),
+        (torch.full((2, 3, 32, 32), float("nan")), r"NaN or inf"),
+        (torch.full((2, 3, 32, 32), float("inf")), r"NaN or inf"),
+    ],
+)
 def test_bad_inputs_fail_clearly(model, bad, match):
     with pytest.raises(ValueError, match=match):
         model(bad)
@@ -196,7 +212,14 @@ def test_index_select_tree_nested():
 
 def test_bad_construction():
     with pytest.raises(ValueError, match="last exit must follow the last stage"):
-        EarlyExitNetwork([nn.Identity(), nn.Identity()], [nn.Identity()], [0], input_shape=(2,), num_classes=2)
+        EarlyExitNetwork(
+            [nn.Identity(), nn.Identity()], [nn.Identity()], [0], input_shape=(2,), num_classes=2
+        )
     with pytest.raises(ValueError, match="strictly increasing"):
-        EarlyExitNetwork([nn.Identity(), nn.Identity()], [nn.Identity(), nn.Identity()], [1, 1],
-                         input_shape=(2,), num_classes=2)
+        EarlyExitNetwork(
+            [nn.Identity(), nn.Identity()],
+            [nn.Identity(), nn.Identity()],
+            [1, 1],
+            input_shape=(2,),
+            num_classes=2,
+        )

@@ -47,7 +47,9 @@ def test_absolute_budget_and_strategies():
 
 def test_more_budget_more_accuracy():
     logits, y = synthetic(3000, 4)
-    accs = [calibrate("confidence", logits, y, COSTS, b, full_cost=100.0).val_accuracy for b in (0.2, 0.5, 0.9)]
+    accs = [
+        calibrate("confidence", logits, y, COSTS, b, full_cost=100.0).val_accuracy for b in (0.2, 0.5, 0.9)
+    ]
     assert accs[0] <= accs[1] + 0.01 <= accs[2] + 0.02
 
 
@@ -58,9 +60,15 @@ def test_learned_needs_scores_and_uses_them():
     assert abs(cal.val_flops - 50) / 50 < 0.03
 
 
-@pytest.mark.parametrize("budget, match", [(0.05, "outside what this model can spend"),
-                                           (0.0, "expected a fraction"), (-2.0, "expected a fraction"),
-                                           (500.0, "outside what this model can spend")])
+@pytest.mark.parametrize(
+    "budget, match",
+    [
+        (0.05, "outside what this model can spend"),
+        (0.0, "expected a fraction"),
+        (-2.0, "expected a fraction"),
+        (500.0, "outside what this model can spend"),
+    ],
+)
 def test_bad_budgets(budget, match):
     logits, y = synthetic(100, 6)
     with pytest.raises(ValueError, match=match):

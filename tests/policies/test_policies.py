@@ -16,8 +16,8 @@ from dynets.policies import (
 )
 from dynets.policies.replay import replay_exits
 
-SURE = torch.tensor([[10.0, 0.0, 0.0]])     # p_max ~ 1, entropy ~ 0
-UNSURE = torch.tensor([[0.0, 0.0, 0.0]])    # p_max = 1/3, entropy = log 3
+SURE = torch.tensor([[10.0, 0.0, 0.0]])  # p_max ~ 1, entropy ~ 0
+UNSURE = torch.tensor([[0.0, 0.0, 0.0]])  # p_max = 1/3, entropy = log 3
 
 
 def test_confidence_rule():
@@ -69,9 +69,17 @@ def test_never_exit():
     assert not NeverExitPolicy().step(0, SURE, {})[0].item()
 
 
-@pytest.mark.parametrize("cls, bad", [(ConfidencePolicy, 1.5), (ConfidencePolicy, -0.1), (EntropyPolicy, 2.0),
-                                      (LearnedPolicy, -1.0), (ConfidencePolicy, float("nan")),
-                                      (ConfidencePolicy, [0.5, 1.2])])
+@pytest.mark.parametrize(
+    "cls, bad",
+    [
+        (ConfidencePolicy, 1.5),
+        (ConfidencePolicy, -0.1),
+        (EntropyPolicy, 2.0),
+        (LearnedPolicy, -1.0),
+        (ConfidencePolicy, float("nan")),
+        (ConfidencePolicy, [0.5, 1.2]),
+    ],
+)
 def test_threshold_out_of_range(cls, bad):
     with pytest.raises(ValueError, match=r"threshold must lie in \[0.0, 1.0\]"):
         cls(bad)
@@ -83,8 +91,16 @@ def test_patience_out_of_range(bad):
         PatiencePolicy(bad)
 
 
-@pytest.mark.parametrize("policy", [ConfidencePolicy(0.8), EntropyPolicy([0.1, 0.2]), PatiencePolicy(3),
-                                    LearnedPolicy(0.6), NeverExitPolicy()])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        ConfidencePolicy(0.8),
+        EntropyPolicy([0.1, 0.2]),
+        PatiencePolicy(3),
+        LearnedPolicy(0.6),
+        NeverExitPolicy(),
+    ],
+)
 def test_round_trip(policy):
     again = policy_from_dict(policy.to_dict())
     assert type(again) is type(policy) and again.to_dict() == policy.to_dict()

@@ -52,8 +52,14 @@ class TwoExitNet(nn.Module):
 
 def config(out_dir: str) -> TrainConfig:
     return TrainConfig(
-        epochs=3, batch_size=16, lr=0.05, augment="crop_flip", distill=0.5, warmup_epochs=0.5,
-        checkpoint_dir=os.path.join(out_dir, "ckpt"), progress=True,
+        epochs=3,
+        batch_size=16,
+        lr=0.05,
+        augment="crop_flip",
+        distill=0.5,
+        warmup_epochs=0.5,
+        checkpoint_dir=os.path.join(out_dir, "ckpt"),
+        progress=True,
     )
 
 
@@ -61,12 +67,20 @@ def run(out_dir: str, stop_after: int | None = None, resume: bool = False) -> di
     """Train from a fixed init; return (and on rank 0 save) the final weights and history."""
     torch.manual_seed(0)
     model = TwoExitNet()
-    res = train(model, make_data(88, 0), config(out_dir), eval_data=make_data(30, 1),
-                stop_after_epoch=stop_after, resume=resume)
+    res = train(
+        model,
+        make_data(88, 0),
+        config(out_dir),
+        eval_data=make_data(30, 1),
+        stop_after_epoch=stop_after,
+        resume=resume,
+    )
     assert res.model is model, "train must hand back the unwrapped model"
     out = {
-        "state": model.state_dict(), "history": res.history,
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")), "group_left": dist.is_initialized(),
+        "state": model.state_dict(),
+        "history": res.history,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "group_left": dist.is_initialized(),
     }
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(out, os.path.join(out_dir, "final.pt"))

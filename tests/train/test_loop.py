@@ -71,8 +71,14 @@ def test_learns_and_records_history():
 
 RESUME_CONFIGS = [
     {"augment": "crop_flip", "warmup_epochs": 0.5, "distill": 0.5, "exit_weights": "linear"},
-    {"optimizer": "adamw", "lr": 0.01, "schedule": "constant", "grad_clip": 0.5, "label_smoothing": 0.1,
-     "exit_weights": [1.0, 2.0]},
+    {
+        "optimizer": "adamw",
+        "lr": 0.01,
+        "schedule": "constant",
+        "grad_clip": 0.5,
+        "label_smoothing": 0.1,
+        "exit_weights": [1.0, 2.0],
+    },
 ]
 
 
@@ -191,7 +197,9 @@ def test_dynamic_eval_fallback_records_overall_accuracy():
             return DynamicOutput(z2, torch.ones(len(x), dtype=torch.long), torch.zeros(len(x)))
 
     torch.manual_seed(0)
-    res = train(AlwaysDynamic(), make_data(64), TrainConfig(**{**FAST, "epochs": 1}), eval_data=make_data(32, seed=3))
+    res = train(
+        AlwaysDynamic(), make_data(64), TrainConfig(**{**FAST, "epochs": 1}), eval_data=make_data(32, seed=3)
+    )
     assert "val_acc" in res.final and "val_acc_per_exit" not in res.final
 
 
@@ -216,12 +224,28 @@ def test_progress_bar_runs(capsys):
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("epochs", 0), ("epochs", 1.5), ("batch_size", 0), ("batch_size", True), ("lr", 0.0),
-        ("lr", float("nan")), ("optimizer", "adam"), ("momentum", 1.0), ("weight_decay", -1e-4),
-        ("schedule", "step"), ("warmup_epochs", -1.0), ("warmup_epochs", 100.0), ("seed", -1),
-        ("augment", "mixup"), ("exit_weights", "cubic"), ("exit_weights", [1.0, -1.0]),
-        ("distill", 1.5), ("temperature", 0.0), ("label_smoothing", 1.0), ("checkpoint_dir", 3),
-        ("progress", "yes"), ("grad_clip", 0.0),
+        ("epochs", 0),
+        ("epochs", 1.5),
+        ("batch_size", 0),
+        ("batch_size", True),
+        ("lr", 0.0),
+        ("lr", float("nan")),
+        ("optimizer", "adam"),
+        ("momentum", 1.0),
+        ("weight_decay", -1e-4),
+        ("schedule", "step"),
+        ("warmup_epochs", -1.0),
+        ("warmup_epochs", 100.0),
+        ("seed", -1),
+        ("augment", "mixup"),
+        ("exit_weights", "cubic"),
+        ("exit_weights", [1.0, -1.0]),
+        ("distill", 1.5),
+        ("temperature", 0.0),
+        ("label_smoothing", 1.0),
+        ("checkpoint_dir", 3),
+        ("progress", "yes"),
+        ("grad_clip", 0.0),
     ],
 )
 def test_config_validation(field, value):
@@ -255,7 +279,9 @@ def test_random_crop_flip_is_a_padded_crop():
     padded = nn.functional.pad(x, (2, 2, 2, 2))
     for b in range(2):
         candidates = [
-            c for i in range(5) for j in range(5)
+            c
+            for i in range(5)
+            for j in range(5)
             for c in (padded[b, :, i : i + 6, j : j + 6], padded[b, :, i : i + 6, j : j + 6].flip(-1))
         ]
         assert any(torch.equal(out[b], c) for c in candidates)
@@ -273,5 +299,9 @@ def test_resume_warns_on_changed_config_and_finished_run_is_a_no_op(tmp_path):
     assert again.history == done.history
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     with pytest.warns(UserWarning, match="lr"):
-        train(make_model(), data, TrainConfig(**{**FAST, "epochs": 2, "lr": 0.5}, checkpoint_dir=str(tmp_path)),
-              resume=True)
+        train(
+            make_model(),
+            data,
+            TrainConfig(**{**FAST, "epochs": 2, "lr": 0.5}, checkpoint_dir=str(tmp_path)),
+            resume=True,
+        )

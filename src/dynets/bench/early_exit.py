@@ -11,8 +11,8 @@ the multi-exit one adds exit heads and self-distillation), then on the test set 
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,8 +23,8 @@ from dynets.bench.evaluate import collect, format_table, sweep
 from dynets.bench.plots import plot_examples_by_exit, plot_pareto
 from dynets.bench.wallclock import compare_wallclock, split_batches
 from dynets.core.registry import create_model
-from dynets.core.serialization import atomic_write_bytes, save
-from dynets.data import DATASET_STATS, load_dataset
+from dynets.core.serialization import atomic_write_bytes, load, save
+from dynets.data import DATASET_STATS, cache_dir, load_dataset
 from dynets.depth.learned import fit_learned_exits
 from dynets.policies.calibration import calibrate
 from dynets.train import TrainConfig, train
@@ -52,7 +52,7 @@ class EarlyExitBenchConfig:
     def __post_init__(self) -> None:
         if self.quick:
             self.epochs = min(self.epochs, 3)
-            self.train_limit = self.train_limit or 8000
+            self.train_limit = self.train_limit or 5000
             self.test_limit = self.test_limit or 2000
             self.b1_samples = min(self.b1_samples, 200)
             self.b64_samples = min(self.b64_samples, 1024)
@@ -63,8 +63,13 @@ def _log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run(cfg: EarlyExitBenchConfig, *, json_path: str | None = None, out_dir: str | None = None,
-        progress: bool = True) -> dict:
+def run(
+    cfg: EarlyExitBenchConfig,
+    *,
+    json_path: str | None = None,
+    out_dir: str | None = None,
+    progress: bool = True,
+) -> dict:
     torch.set_num_threads(2)
     out = Path(out_dir or (Path(json_path).parent if json_path else "benchmarks/results"))
     out.mkdir(parents=True, exist_ok=True)
@@ -76,26 +81,33 @@ def run(cfg: EarlyExitBenchConfig, *, json_path: str | None = None, out_dir: str
     _log(f"data {cfg.data}: train {len(train_set)}, val {len(val_set)}, test {len(test_set)}")
     c, h, _ = train_set.input_shape
     mean, std = DATASET_STATS.get(cfg.data, ((0.5,), (0.25,)))
-    kw = dict(in_channels=c, image_size=h, num_classes=train_set.num_classes, mean=tuple(mean), std=tuple(std))
+    kw = dict(
+        in_channels=c, image_size=h, num_classes=train_set.num_classes, mean=tuple(mean), std=tuple(std)
+    )
     kw.update(cfg.model_kw)
     augment = "crop_flip" if h == 32 else "none"
-    tc = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, augment=augment,
-              progress=progress)
+    tc = dict(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        augment=augment,
+        progress=progress,
+    )
 
-    torch.manual_seed(cfg.seed)
-    static = create_model("static_resnet", **kw)
-    _log(f"training static ({static.full_cost() / 1e6:.1f} MFLOPs) for {cfg.epochs} epochs")
-    train(static, train_set, TrainConfig(**tc))
-    torch.manual_seed(cfg.seed)
-    dyn = create_model("ee_resnet", **kw)
-    _log(f"training early-exit (exit costs {[round(v / 1e6, 1) for v in dyn.exit_costs().tolist()]} MFLOPs)")
-    train(dyn, train_set, TrainConfig(**tc, distill=cfg.distill))
-    static.eval()
-    dyn.eval()
+    # Trained models are cached by config, so the timing part can be re-run on a quiet machine.
+    key = hashlib.sha1(json.dumps([asdict(cfg), kw, tc], sort_keys=True, default=str).encode()).hexdigest()[
+        :12
+    ]
+    cache = cache_dir() / "bench" / f"{stem}-{key}"
+    static = _trained(cache / "static", "static_resnet", kw, train_set, TrainConfig(**tc), cfg.seed)
+    dyn = _trained(
+        cache / "early_exit", "ee_resnet", kw, train_set, TrainConfig(**tc, distill=cfg.distill), cfg.seed
+    )
 
     # Learned exits and calibration use the validation split only; everything reported is test.
     val = collect(dyn, val_set)
-    fit_learned_exits(dyn, val.exit_logits, val.labels)
+    fit_learned_exits(dyn, val.exit_logits, val.labels)  # deterministic (seeded), so reuse is safe
     val = collect(dyn, val_set)
     test = collect(dyn, test_set)
     full = static.full_cost()
@@ -103,25 +115,43 @@ def run(cfg: EarlyExitBenchConfig, *, json_path: str | None = None, out_dir: str
     static_acc = float((_predict_static(static, test_set.x).argmax(-1) == test_set.y).double().mean())
     static_row = {"accuracy": static_acc, "mean_flops": full}
     rows = sweep(test)
-    anytime = [{"exit": k, "accuracy": a, "mean_flops": float(test.exit_costs[k])}
-               for k, a in enumerate(test.accuracy_per_exit())]
+    anytime = [
+        {"exit": k, "accuracy": a, "mean_flops": float(test.exit_costs[k])}
+        for k, a in enumerate(test.accuracy_per_exit())
+    ]
 
     calib = {}
     for budget in sorted(set(cfg.budgets) | {cfg.operating_budget}):
         best = None
         for kind in cfg.policies:
-            cal = calibrate(kind, val.exit_logits, val.labels, val.exit_costs_learned if kind == "learned"
-                            else val.exit_costs, budget, full_cost=full, learned=val.learned)
+            cal = calibrate(
+                kind,
+                val.exit_logits,
+                val.labels,
+                val.exit_costs_learned if kind == "learned" else val.exit_costs,
+                budget,
+                full_cost=full,
+                learned=val.learned,
+            )
             if best is None or cal.val_accuracy > best.val_accuracy:
                 best = cal
         res = test.evaluate(best.policy)
-        calib[budget] = {"budget": budget, "policy": best.policy.to_dict(), "strategy": best.strategy,
-                         "val_accuracy": best.val_accuracy, "accuracy": res["accuracy"],
-                         "mean_flops": res["mean_flops"], "flops_ratio": res["mean_flops"] / full,
-                         "relative_error": abs(res["mean_flops"] - budget * full) / (budget * full),
-                         "exit_fractions": res["exit_fractions"], "_policy": best.policy}
-        _log(f"budget {budget:.0%}: {best.policy} -> test acc {res['accuracy']:.4f}, "
-             f"FLOPs ratio {res['mean_flops'] / full:.3f}")
+        calib[budget] = {
+            "budget": budget,
+            "policy": best.policy.to_dict(),
+            "strategy": best.strategy,
+            "val_accuracy": best.val_accuracy,
+            "accuracy": res["accuracy"],
+            "mean_flops": res["mean_flops"],
+            "flops_ratio": res["mean_flops"] / full,
+            "relative_error": abs(res["mean_flops"] - budget * full) / (budget * full),
+            "exit_fractions": res["exit_fractions"],
+            "_policy": best.policy,
+        }
+        _log(
+            f"budget {budget:.0%}: {best.policy} -> test acc {res['accuracy']:.4f}, "
+            f"FLOPs ratio {res['mean_flops'] / full:.3f}"
+        )
     op = calib[cfg.operating_budget]
     policy = op.pop("_policy")
     for v in calib.values():
@@ -136,59 +166,107 @@ def run(cfg: EarlyExitBenchConfig, *, json_path: str | None = None, out_dir: str
         wc = compare_wallclock(static.forward_static, dyn, batches, rounds=cfg.rounds)
         flops_speedup = full / flops_dyn
         timing[bs] = {**wc, "flops_speedup": flops_speedup, "realization": wc["speedup"] / flops_speedup}
-        _log(f"batch {bs}: static {wc['static_per_s']:.0f}/s, dynamic {wc['dynamic_per_s']:.0f}/s, "
-             f"speed-up {wc['speedup']:.2f}x vs FLOPs {flops_speedup:.2f}x")
+        _log(
+            f"batch {bs}: static {wc['static_per_s']:.0f}/s, dynamic {wc['dynamic_per_s']:.0f}/s, "
+            f"speed-up {wc['speedup']:.2f}x vs FLOPs {flops_speedup:.2f}x"
+        )
 
     result = {
-        "benchmark": "early_exit", "data": cfg.data, "quick": cfg.quick, "config": asdict(cfg),
-        "static_acc": static_acc, "dynamic_acc": op["accuracy"], "flops_ratio": op["flops_ratio"],
-        "speedup_b1": timing[1]["speedup"], "speedup_b64": timing[64]["speedup"],
-        "realization_b1": timing[1]["realization"], "realization_b64": timing[64]["realization"],
+        "benchmark": "early_exit",
+        "data": cfg.data,
+        "quick": cfg.quick,
+        "config": asdict(cfg),
+        "static_acc": static_acc,
+        "dynamic_acc": op["accuracy"],
+        "flops_ratio": op["flops_ratio"],
+        "speedup_b1": timing[1]["speedup"],
+        "speedup_b64": timing[64]["speedup"],
+        "realization_b1": timing[1]["realization"],
+        "realization_b64": timing[64]["realization"],
         "calibration_error_max": max(calib[b]["relative_error"] for b in cfg.budgets),
-        "static_mflops": full / 1e6, "operating_point": op, "calibration": list(calib.values()),
-        "anytime": anytime, "sweep": rows, "timing": {f"b{k}": v for k, v in timing.items()},
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds": time.time() - t0,
+        "static_mflops": full / 1e6,
+        "operating_point": op,
+        "calibration": list(calib.values()),
+        "anytime": anytime,
+        "sweep": rows,
+        "timing": {f"b{k}": v for k, v in timing.items()},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "seconds": time.time() - t0,
     }
     payload = json.dumps(result, indent=2).encode()
     if json_path:
         atomic_write_bytes(json_path, payload)
-    plot_pareto(rows, static_row, out / f"{stem}_pareto.png", anytime=anytime,
-                calibrated=[calib[b] for b in cfg.budgets],
-                title=f"{cfg.data}: early-exit ResNet vs static ({'quick' if cfg.quick else 'full'})")
+    plot_pareto(
+        rows,
+        static_row,
+        out / f"{stem}_pareto.png",
+        anytime=anytime,
+        calibrated=[calib[b] for b in cfg.budgets],
+        title=f"{cfg.data}: early-exit ResNet vs static ({'quick' if cfg.quick else 'full'})",
+    )
     exit_idx = dyn(test_set.x[:512]).exit_index
     plot_examples_by_exit(test_set.x[:512], exit_idx, out / f"{stem}_examples_by_exit.png")
     md = _markdown(result, rows, static_row)
     atomic_write_bytes(out / f"{stem}.md", md.encode())
-    if not cfg.quick and os.environ.get("DYNETS_SAVE_MODELS"):
-        save(dyn, out / "models" / "ee_resnet")
     return result
+
+
+def _trained(path: Path, name: str, kw: dict, data, tc: TrainConfig, seed: int):
+    """Train `name` (or reuse the copy cached at `path` by an identical earlier run)."""
+    if (path / "config.json").exists():
+        _log(f"reusing trained {name} from {path}")
+        return load(path)
+    torch.manual_seed(seed)
+    model = create_model(name, **kw)
+    _log(
+        f"training {name} (exit costs {[round(v / 1e6, 1) for v in model.exit_costs().tolist()]} MFLOPs, "
+        f"static path {model.full_cost() / 1e6:.1f}) for {tc.epochs} epochs"
+    )
+    start = time.time()
+    train(model, data, tc)
+    _log(f"trained {name} in {time.time() - start:.0f} s")
+    model.eval()
+    save(model, path)
+    return model
 
 
 @torch.inference_mode()
 def _predict_static(model, x: torch.Tensor, bs: int = 512) -> torch.Tensor:
-    return torch.cat([model.forward_static(x[i:i + bs]) for i in range(0, x.shape[0], bs)])
+    return torch.cat([model.forward_static(x[i : i + bs]) for i in range(0, x.shape[0], bs)])
 
 
 def _markdown(r: dict, rows: list[dict], static_row: dict) -> str:
     t1, t64 = r["timing"]["b1"], r["timing"]["b64"]
-    lines = [f"# Early exit on {r['data']} ({'quick' if r['quick'] else 'full'} run)", "",
-             "| metric | value |", "|---|---:|",
-             f"| static accuracy | {100 * r['static_acc']:.2f}% |",
-             f"| dynamic accuracy at the operating point | {100 * r['dynamic_acc']:.2f}% |",
-             f"| mean FLOPs vs static | {r['flops_ratio']:.3f} |",
-             f"| images/s batch 1: static / dynamic | {t1['static_per_s']:.0f} / {t1['dynamic_per_s']:.0f} |",
-             f"| speed-up batch 1 (wall / FLOPs) | {r['speedup_b1']:.2f}x / {t1['flops_speedup']:.2f}x |",
-             f"| realization batch 1 | {r['realization_b1']:.2f} |",
-             f"| images/s batch 64: static / dynamic | {t64['static_per_s']:.0f} / {t64['dynamic_per_s']:.0f} |",
-             f"| speed-up batch 64 (wall / FLOPs) | {r['speedup_b64']:.2f}x / {t64['flops_speedup']:.2f}x |",
-             f"| realization batch 64 | {r['realization_b64']:.2f} |",
-             f"| calibration error, max over budgets | {100 * r['calibration_error_max']:.2f}% |", "",
-             "## Calibrated budgets (thresholds fit on validation, measured on test)", "",
-             "| budget | policy | test accuracy | FLOPs ratio | error |", "|---:|---|---:|---:|---:|"]
+    lines = [
+        f"# Early exit on {r['data']} ({'quick' if r['quick'] else 'full'} run)",
+        "",
+        "| metric | value |",
+        "|---|---:|",
+        f"| static accuracy | {100 * r['static_acc']:.2f}% |",
+        f"| dynamic accuracy at the operating point | {100 * r['dynamic_acc']:.2f}% |",
+        f"| mean FLOPs vs static | {r['flops_ratio']:.3f} |",
+        f"| images/s batch 1: static / dynamic | {t1['static_per_s']:.0f} / {t1['dynamic_per_s']:.0f} |",
+        f"| speed-up batch 1 (wall / FLOPs) | {r['speedup_b1']:.2f}x / {t1['flops_speedup']:.2f}x |",
+        f"| realization batch 1 | {r['realization_b1']:.2f} |",
+        f"| images/s batch 64: static / dynamic | {t64['static_per_s']:.0f} / {t64['dynamic_per_s']:.0f} |",
+        f"| speed-up batch 64 (wall / FLOPs) | {r['speedup_b64']:.2f}x / {t64['flops_speedup']:.2f}x |",
+        f"| realization batch 64 | {r['realization_b64']:.2f} |",
+        f"| calibration error, max over budgets | {100 * r['calibration_error_max']:.2f}% |",
+        "",
+        "## Calibrated budgets (thresholds fit on validation, measured on test)",
+        "",
+        "| budget | policy | test accuracy | FLOPs ratio | error |",
+        "|---:|---|---:|---:|---:|",
+    ]
     for c in r["calibration"]:
-        lines.append(f"| {c['budget']:.0%} | {c['policy']['kind']} ({c['strategy']}) | {100 * c['accuracy']:.2f}% "
-                     f"| {c['flops_ratio']:.3f} | {100 * c['relative_error']:.2f}% |")
+        lines.append(
+            f"| {c['budget']:.0%} | {c['policy']['kind']} ({c['strategy']}) | {100 * c['accuracy']:.2f}% "
+            f"| {c['flops_ratio']:.3f} | {100 * c['relative_error']:.2f}% |"
+        )
     lines += ["", "## Anytime accuracy per exit", "", "| exit | accuracy | MFLOPs |", "|---:|---:|---:|"]
-    lines += [f"| {a['exit']} | {100 * a['accuracy']:.2f}% | {a['mean_flops'] / 1e6:.2f} |" for a in r["anytime"]]
+    lines += [
+        f"| {a['exit']} | {100 * a['accuracy']:.2f}% | {a['mean_flops'] / 1e6:.2f} |" for a in r["anytime"]
+    ]
     lines += ["", "## Policy sweep (test)", "", format_table(rows, static_row), ""]
     return "\n".join(lines)

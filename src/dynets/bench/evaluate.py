@@ -20,12 +20,12 @@ from dynets.policies.replay import replay_exits
 
 @dataclass
 class ExitOutputs:
-    exit_logits: list[torch.Tensor]     # K tensors (N, C)
-    labels: torch.Tensor                # (N,)
-    learned: torch.Tensor | None        # (N, K-1) learned-exit scores, if the model has them
-    exit_costs: torch.Tensor            # (K,) cumulative FLOPs without learned predictors
-    exit_costs_learned: torch.Tensor    # (K,) with them
-    full_cost: float                    # the static path's FLOPs
+    exit_logits: list[torch.Tensor]  # K tensors (N, C)
+    labels: torch.Tensor  # (N,)
+    learned: torch.Tensor | None  # (N, K-1) learned-exit scores, if the model has them
+    exit_costs: torch.Tensor  # (K,) cumulative FLOPs without learned predictors
+    exit_costs_learned: torch.Tensor  # (K,) with them
+    full_cost: float  # the static path's FLOPs
 
     def accuracy_per_exit(self) -> list[float]:
         return [float((lg.argmax(-1) == self.labels).double().mean()) for lg in self.exit_logits]
@@ -35,10 +35,14 @@ class ExitOutputs:
         preds = torch.stack([lg.argmax(-1) for lg in self.exit_logits], 1).gather(1, idx[:, None]).squeeze(1)
         costs = self.exit_costs_learned if policy.needs_learned else self.exit_costs
         flops = float(costs[idx].mean())
-        return {"accuracy": float((preds == self.labels).double().mean()), "mean_flops": flops,
-                "flops_ratio": flops / self.full_cost,
-                "exit_fractions": (torch.bincount(idx, minlength=len(self.exit_logits)).double()
-                                   / max(idx.numel(), 1)).tolist()}
+        return {
+            "accuracy": float((preds == self.labels).double().mean()),
+            "mean_flops": flops,
+            "flops_ratio": flops / self.full_cost,
+            "exit_fractions": (
+                torch.bincount(idx, minlength=len(self.exit_logits)).double() / max(idx.numel(), 1)
+            ).tolist(),
+        }
 
 
 @torch.no_grad()
@@ -50,15 +54,24 @@ def collect(model: EarlyExitNetwork, data, *, batch_size: int = 256, progress: b
     has_learned = len(model.exit_predictors) > 0
     starts = range(0, len(data.y), batch_size)
     for i in tqdm(starts, desc="all exits", disable=not progress, leave=False):
-        lg = model.all_exit_logits(data.x[i:i + batch_size])
+        lg = model.all_exit_logits(data.x[i : i + batch_size])
         outs.append(lg)
         if has_learned:
             learned.append(model.learned_scores(lg))
     K = model.num_exits
-    exit_logits = [torch.cat([o[k] for o in outs]) for k in range(K)] if outs else [
-        torch.zeros(0, model.num_classes) for _ in range(K)]
-    return ExitOutputs(exit_logits, data.y.clone(), torch.cat(learned) if learned else None,
-                       model.exit_costs(False), model.exit_costs(has_learned), model.full_cost())
+    exit_logits = (
+        [torch.cat([o[k] for o in outs]) for k in range(K)]
+        if outs
+        else [torch.zeros(0, model.num_classes) for _ in range(K)]
+    )
+    return ExitOutputs(
+        exit_logits,
+        data.y.clone(),
+        torch.cat(learned) if learned else None,
+        model.exit_costs(False),
+        model.exit_costs(has_learned),
+        model.full_cost(),
+    )
 
 
 DEFAULT_SWEEPS: dict[str, list[float]] = {
@@ -69,8 +82,11 @@ DEFAULT_SWEEPS: dict[str, list[float]] = {
 }
 
 
-def sweep(outputs: ExitOutputs, kinds: Iterable[str] = ("confidence", "entropy", "patience", "learned"),
-          values: dict[str, list[float]] | None = None) -> list[dict]:
+def sweep(
+    outputs: ExitOutputs,
+    kinds: Iterable[str] = ("confidence", "entropy", "patience", "learned"),
+    values: dict[str, list[float]] | None = None,
+) -> list[dict]:
     """Accuracy and mean FLOPs for each policy setting (rows ready for a table or a plot)."""
     values = values or DEFAULT_SWEEPS
     rows = []
@@ -86,10 +102,17 @@ def sweep(outputs: ExitOutputs, kinds: Iterable[str] = ("confidence", "entropy",
 
 def format_table(rows: list[dict], static: dict | None = None) -> str:
     """A Markdown table of accuracy vs FLOPs, the static baseline first."""
-    lines = ["| model / policy | setting | accuracy | mean MFLOPs | FLOPs vs static |", "|---|---|---:|---:|---:|"]
+    lines = [
+        "| model / policy | setting | accuracy | mean MFLOPs | FLOPs vs static |",
+        "|---|---|---:|---:|---:|",
+    ]
     if static:
-        lines.append(f"| static | - | {100 * static['accuracy']:.2f}% | {static['mean_flops'] / 1e6:.2f} | 1.00 |")
+        lines.append(
+            f"| static | - | {100 * static['accuracy']:.2f}% | {static['mean_flops'] / 1e6:.2f} | 1.00 |"
+        )
     for r in rows:
-        lines.append(f"| {r['policy']} | {r['value']} | {100 * r['accuracy']:.2f}% | {r['mean_flops'] / 1e6:.2f} "
-                     f"| {r['flops_ratio']:.2f} |")
+        lines.append(
+            f"| {r['policy']} | {r['value']} | {100 * r['accuracy']:.2f}% | {r['mean_flops'] / 1e6:.2f} "
+            f"| {r['flops_ratio']:.2f} |"
+        )
     return "\n".join(lines)

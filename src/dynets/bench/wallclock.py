@@ -22,8 +22,14 @@ def _timed_pass(fn: Callable[[torch.Tensor], object], batches: Sequence[torch.Te
 
 
 @torch.inference_mode()
-def compare_wallclock(static_fn: Callable[[torch.Tensor], object], dynamic_fn: Callable[[torch.Tensor], object],
-                      batches: Sequence[torch.Tensor], *, rounds: int = 7, warmup: int = 1) -> dict[str, float]:
+def compare_wallclock(
+    static_fn: Callable[[torch.Tensor], object],
+    dynamic_fn: Callable[[torch.Tensor], object],
+    batches: Sequence[torch.Tensor],
+    *,
+    rounds: int = 7,
+    warmup: int = 1,
+) -> dict[str, float]:
     """Median seconds per pass of each, samples/s of each, and speedup = static / dynamic time."""
     if not batches:
         raise ValueError("compare_wallclock: expected at least one batch, got none")
@@ -42,10 +48,17 @@ def compare_wallclock(static_fn: Callable[[torch.Tensor], object], dynamic_fn: C
             td.append(_timed_pass(dynamic_fn, batches))
             ts.append(_timed_pass(static_fn, batches))
     s, d = statistics.median(ts), statistics.median(td)
-    return {"static_s": s, "dynamic_s": d, "static_per_s": n / s, "dynamic_per_s": n / d, "speedup": s / d,
-            "samples": n, "rounds": rounds}
+    return {
+        "static_s": s,
+        "dynamic_s": d,
+        "static_per_s": n / s,
+        "dynamic_per_s": n / d,
+        "speedup": s / d,
+        "samples": n,
+        "rounds": rounds,
+    }
 
 
 def split_batches(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """x cut into consecutive batches of `batch_size` (the last one may be smaller)."""
-    return [x[i:i + batch_size] for i in range(0, x.shape[0], batch_size)]
+    return [x[i : i + batch_size] for i in range(0, x.shape[0], batch_size)]

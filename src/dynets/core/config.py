@@ -44,6 +44,8 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"config for {cls.__name__}: unknown keys {unknown}; expected some of {sorted(fields)}")
+        raise ValueError(
+            f"config for {cls.__name__}: unknown keys {unknown}; expected some of {sorted(fields)}"
+        )
     hints = typing.get_type_hints(cls)
     return cls(**{k: _coerce(hints[k], v) for k, v in data.items()})

@@ -22,8 +22,9 @@ def measure_flops(fn: Callable[..., object] | nn.Module, *inputs: torch.Tensor) 
     return int(counter.get_total_flops())
 
 
-def cumulative_exit_costs(stage_costs: Sequence[int], head_costs: Sequence[int],
-                          exit_stages: Sequence[int]) -> list[int]:
+def cumulative_exit_costs(
+    stage_costs: Sequence[int], head_costs: Sequence[int], exit_stages: Sequence[int]
+) -> list[int]:
     """Cost of a sample that leaves at exit k: all stages up to k's stage plus heads 0..k.
 
     stage_costs[i] is stage i's FLOPs, head_costs[k] exit k's head, exit_stages[k] the stage the

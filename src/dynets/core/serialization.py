@@ -54,8 +54,10 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extra: dict[str, Any
     """Save `model` to `directory` (config.json + model.safetensors), atomically."""
     arch = type(model).__name__
     if arch not in _ARCHITECTURES or not hasattr(model, "config"):
-        raise TypeError(f"cannot save a {arch}: expected a registered architecture with a dataclass `config` "
-                        f"(known: {sorted(_ARCHITECTURES)}); for your own modules save model.state_dict()")
+        raise TypeError(
+            f"cannot save a {arch}: expected a registered architecture with a dataclass `config` "
+            f"(known: {sorted(_ARCHITECTURES)}); for your own modules save model.state_dict()"
+        )
     policy = getattr(model, "policy", None)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -78,8 +80,10 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     """The parsed config.json of a saved model, with clear errors for missing or broken files."""
     path = Path(directory) / "config.json"
     if not Path(directory).is_dir():
-        raise FileNotFoundError(f"model directory {str(directory)!r} does not exist (expected a folder "
-                                f"with config.json and model.safetensors)")
+        raise FileNotFoundError(
+            f"model directory {str(directory)!r} does not exist (expected a folder "
+            f"with config.json and model.safetensors)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: expected a dynets model directory")
     try:
@@ -101,7 +105,9 @@ def load(directory: str | os.PathLike, *, map_location: str = "cpu") -> nn.Modul
     import dynets.models  # noqa: F401  (registers the zoo's architectures)
 
     if arch not in _ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r} in {directory}; expected one of {sorted(_ARCHITECTURES)}")
+        raise ValueError(
+            f"unknown architecture {arch!r} in {directory}; expected one of {sorted(_ARCHITECTURES)}"
+        )
     cls = _ARCHITECTURES[arch]
     model = cls(config_from_dict(cls.config_class, meta["config"]))  # type: ignore[attr-defined]
     weights = Path(directory) / "model.safetensors"
@@ -113,8 +119,10 @@ def load(directory: str | os.PathLike, *, map_location: str = "cpu") -> nn.Modul
         raise ValueError(f"{weights} could not be read ({e}); the checkpoint is corrupt or truncated") from e
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{weights} does not match architecture {arch}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{weights} does not match architecture {arch}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     if meta.get("policy") is not None and hasattr(model, "policy"):
         model.policy = policy_from_dict(meta["policy"])
     model.eval()

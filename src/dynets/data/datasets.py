@@ -62,8 +62,9 @@ class ArrayDataset(Dataset):
         if y.ndim != 1 or y.dtype != torch.int64:
             raise ValueError(f"y must be (N,) int64; got shape {tuple(y.shape)} {y.dtype}")
         if len(x) != len(y):
-            raise ValueError(f"x and y must have the same length; got x: {len(x)} samples, y: {len(y)} "
-                             "labels")
+            raise ValueError(
+                f"x and y must have the same length; got x: {len(x)} samples, y: {len(y)} labels"
+            )
         if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():  # the sum is a fast first check
             raise ValueError(f"x must be finite; got {int((~torch.isfinite(x)).sum())} NaN or inf values")
         self.classes = [str(c) for c in self.classes]
@@ -80,8 +81,10 @@ class ArrayDataset(Dataset):
         return self.x[i], self.y[i]
 
     def __repr__(self) -> str:
-        return (f"ArrayDataset(name={self.name!r}, split={self.split!r}, n={len(self)}, "
-                f"input_shape={self.input_shape}, num_classes={self.num_classes})")
+        return (
+            f"ArrayDataset(name={self.name!r}, split={self.split!r}, n={len(self)}, "
+            f"input_shape={self.input_shape}, num_classes={self.num_classes})"
+        )
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -101,8 +104,9 @@ class ArrayDataset(Dataset):
         else:
             idx = torch.as_tensor(np.asarray(indices_or_n), dtype=torch.int64).reshape(-1)
             if len(idx) and (int(idx.min()) < -len(self) or int(idx.max()) >= len(self)):
-                raise ValueError(f"subset indices must lie in [0, {len(self)}); got [{int(idx.min())}, "
-                                 f"{int(idx.max())}]")
+                raise ValueError(
+                    f"subset indices must lie in [0, {len(self)}); got [{int(idx.min())}, {int(idx.max())}]"
+                )
         return ArrayDataset(self.x[idx], self.y[idx], list(self.classes), self.name, self.split)
 
 
@@ -146,11 +150,18 @@ def load_dataset(
 def _split_indices(n: int, n_val: int, n_test: int) -> dict[str, np.ndarray]:
     """Deterministic (seed 0) disjoint index sets: test first, then val, then the rest is train."""
     perm = np.random.default_rng(0).permutation(n)
-    return {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
+    return {"test": perm[:n_test], "val": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
 
 
-def _make(x: np.ndarray, y: np.ndarray, idx: np.ndarray | None, limit: int | None, classes: Sequence[str],
-          name: str, split: str) -> ArrayDataset:
+def _make(
+    x: np.ndarray,
+    y: np.ndarray,
+    idx: np.ndarray | None,
+    limit: int | None,
+    classes: Sequence[str],
+    name: str,
+    split: str,
+) -> ArrayDataset:
     """Select ``idx`` (then the first ``limit``) from channels-last ``x`` and build the float tensors."""
     if idx is None:
         idx = np.arange(len(y))
@@ -197,8 +208,9 @@ def _load_mnist(split: str, root: Path | None, limit: int | None) -> ArrayDatase
         for p in (folder / f"{stem}.gz", folder / stem):
             if p.is_file():
                 return p
-        raise FileNotFoundError(f"{folder / stem}.gz not found; set DYNETS_DATA to the folder that holds "
-                                "data/mnist")
+        raise FileNotFoundError(
+            f"{folder / stem}.gz not found; set DYNETS_DATA to the folder that holds data/mnist"
+        )
 
     x = readers.read_idx(idx_file(f"{prefix}-images-idx3-ubyte"), magic=readers.IDX_IMAGES, shape=(n, 28, 28))
     y = readers.read_idx(idx_file(f"{prefix}-labels-idx1-ubyte"), magic=readers.IDX_LABELS, shape=(n,))
@@ -244,8 +256,10 @@ def _load_npz(path: Path, split: str, limit: int | None) -> ArrayDataset:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except ValueError as e:  # object arrays need pickle, which we refuse for safety
-        raise ValueError(f"{path}: cannot load without pickle ({e}); store labels as ints or fixed-width "
-                         "strings (np.array(labels, dtype=str))") from e
+        raise ValueError(
+            f"{path}: cannot load without pickle ({e}); store labels as ints or fixed-width "
+            "strings (np.array(labels, dtype=str))"
+        ) from e
     except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a readable .npz file ({e})") from e
     keys = set(arrays)
@@ -253,22 +267,29 @@ def _load_npz(path: Path, split: str, limit: int | None) -> ArrayDataset:
         pairs = {"all": ("x", "y")}
     elif {"x_train", "y_train", "x_test", "y_test"} <= keys:
         if ("x_val" in keys) != ("y_val" in keys):
-            raise ValueError(f"{path}: expected x_val and y_val together; found only "
-                             f"{'x_val' if 'x_val' in keys else 'y_val'}")
+            raise ValueError(
+                f"{path}: expected x_val and y_val together; found only "
+                f"{'x_val' if 'x_val' in keys else 'y_val'}"
+            )
         pairs = {s: (f"x_{s}", f"y_{s}") for s in SPLITS if f"x_{s}" in keys}
     else:
-        raise ValueError(f"{path}: expected keys x, y or x_train, y_train, x_test, y_test (+ optional x_val, "
-                         f"y_val); found {sorted(keys)}")
+        raise ValueError(
+            f"{path}: expected keys x, y or x_train, y_train, x_test, y_test (+ optional x_val, "
+            f"y_val); found {sorted(keys)}"
+        )
     xs = {s: _channels_last(arrays[xk], xk) for s, (xk, _) in pairs.items()}
     ys = {s: _labels_1d(arrays[yk], yk) for s, (_, yk) in pairs.items()}
     first = next(iter(pairs.values()))[0]
     for s, (xk, yk) in pairs.items():
         if len(xs[s]) != len(ys[s]):
-            raise ValueError(f"{xk} and {yk} must have the same length; got {len(xs[s])} images, "
-                             f"{len(ys[s])} labels")
+            raise ValueError(
+                f"{xk} and {yk} must have the same length; got {len(xs[s])} images, {len(ys[s])} labels"
+            )
         if xs[s].shape[1:] != xs[next(iter(xs))].shape[1:]:
-            raise ValueError(f"{xk} must have the sample shape of {first} (H, W, C) = "
-                             f"{xs[next(iter(xs))].shape[1:]}; got {xs[s].shape[1:]}")
+            raise ValueError(
+                f"{xk} must have the sample shape of {first} (H, W, C) = "
+                f"{xs[next(iter(xs))].shape[1:]}; got {xs[s].shape[1:]}"
+            )
     classes, ys = _encode_labels(ys, arrays.get("classes"), {s: yk for s, (_, yk) in pairs.items()})
     x, y, idx = _carve({s: (xs[s], ys[s]) for s in pairs}, split)
     return _make(x, y, idx, limit, classes, f"npz:{path}", split)
@@ -291,8 +312,10 @@ def _channels_last(x: np.ndarray, arg: str) -> np.ndarray:
         return x.transpose(0, 2, 3, 1)
     if x.ndim == 4 and x.shape[3] in (1, 3):
         return x
-    raise ValueError(f"{arg} must have shape (N, H, W), (N, H, W, C) or (N, C, H, W) with C in {{1, 3}}; "
-                     f"got shape {x.shape}")
+    raise ValueError(
+        f"{arg} must have shape (N, H, W), (N, H, W, C) or (N, C, H, W) with C in {{1, 3}}; "
+        f"got shape {x.shape}"
+    )
 
 
 def _labels_1d(y: np.ndarray, arg: str) -> np.ndarray:
@@ -307,13 +330,15 @@ def _labels_1d(y: np.ndarray, arg: str) -> np.ndarray:
     return y.astype(str) if y.dtype.kind == "S" else y
 
 
-def _encode_labels(ys: dict[str, np.ndarray], names: np.ndarray | None,
-                   keys: dict[str, str]) -> tuple[list[str], dict[str, np.ndarray]]:
+def _encode_labels(
+    ys: dict[str, np.ndarray], names: np.ndarray | None, keys: dict[str, str]
+) -> tuple[list[str], dict[str, np.ndarray]]:
     """Class names and int64 label indices: strings map to sorted names, ints are kept as indices."""
     kinds = {y.dtype.kind == "U" for y in ys.values()}
     if len(kinds) > 1:
-        raise ValueError(f"labels must be all strings or all integers; got a mix across "
-                         f"{', '.join(keys.values())}")
+        raise ValueError(
+            f"labels must be all strings or all integers; got a mix across {', '.join(keys.values())}"
+        )
     given = None if names is None else [str(c) for c in np.asarray(names).reshape(-1).tolist()]
     if kinds == {True}:
         classes = given or sorted({str(v) for y in ys.values() for v in y.tolist()})

@@ -37,7 +37,9 @@ def index_select_tree(h: Features, index: torch.Tensor) -> Features:
         return type(h)(index_select_tree(v, index) for v in h)
     if isinstance(h, dict):
         return {k: index_select_tree(v, index) for k, v in h.items()}
-    raise TypeError(f"cannot compact features of type {type(h).__name__}; expected Tensor, list, tuple or dict")
+    raise TypeError(
+        f"cannot compact features of type {type(h).__name__}; expected Tensor, list, tuple or dict"
+    )
 
 
 def _first_tensor(h: Features) -> torch.Tensor:
@@ -56,7 +58,9 @@ class ExitPredictor(nn.Module):
     def forward(self, logits: torch.Tensor) -> torch.Tensor:  # (B, C) -> (B,)
         p = logits.float().softmax(-1)
         top2 = p.topk(2, dim=-1).values
-        feats = torch.cat([p.sort(-1, descending=True).values, top2[:, :1] - top2[:, 1:], (p * p).sum(-1, True)], -1)
+        feats = torch.cat(
+            [p.sort(-1, descending=True).values, top2[:, :1] - top2[:, 1:], (p * p).sum(-1, True)], -1
+        )
         return torch.sigmoid(self.net(feats)).squeeze(-1)
 
 
@@ -70,15 +74,27 @@ class EarlyExitNetwork(nn.Module):
     input_shape: (C, H, W) (or any per-sample shape) for input checks and FLOP measurement.
     """
 
-    def __init__(self, stages: Sequence[nn.Module], heads: Sequence[nn.Module], exit_stages: Sequence[int],
-                 *, input_shape: Sequence[int], num_classes: int, policy: ExitPolicy | None = None,
-                 learned_exits: bool = True) -> None:
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        heads: Sequence[nn.Module],
+        exit_stages: Sequence[int],
+        *,
+        input_shape: Sequence[int],
+        num_classes: int,
+        policy: ExitPolicy | None = None,
+        learned_exits: bool = True,
+    ) -> None:
         super().__init__()
         exit_stages = [int(s) for s in exit_stages]
         if len(heads) != len(exit_stages):
-            raise ValueError(f"heads and exit_stages must have equal length, got {len(heads)} and {len(exit_stages)}")
+            raise ValueError(
+                f"heads and exit_stages must have equal length, got {len(heads)} and {len(exit_stages)}"
+            )
         if not exit_stages or exit_stages[-1] != len(stages) - 1:
-            raise ValueError(f"the last exit must follow the last stage ({len(stages) - 1}), got exit_stages={exit_stages}")
+            raise ValueError(
+                f"the last exit must follow the last stage ({len(stages) - 1}), got exit_stages={exit_stages}"
+            )
         if any(b <= a for a, b in zip(exit_stages, exit_stages[1:])) or exit_stages[0] < 0:
             raise ValueError(f"exit_stages must be strictly increasing and >= 0, got {exit_stages}")
         self.stages = nn.ModuleList(stages)
@@ -125,9 +141,12 @@ class EarlyExitNetwork(nn.Module):
             u = self.unit_costs()
             heads = list(u["heads"])
             if learned:
-                heads = [c + (u["predictors"][k] if k < len(u["predictors"]) else 0) for k, c in enumerate(heads)]
-            self._costs[learned] = torch.tensor(cumulative_exit_costs(u["stages"], heads, self.exit_stages),
-                                                dtype=torch.float64)
+                heads = [
+                    c + (u["predictors"][k] if k < len(u["predictors"]) else 0) for k, c in enumerate(heads)
+                ]
+            self._costs[learned] = torch.tensor(
+                cumulative_exit_costs(u["stages"], heads, self.exit_stages), dtype=torch.float64
+            )
         return self._costs[learned]
 
     def full_cost(self) -> float:
@@ -142,18 +161,23 @@ class EarlyExitNetwork(nn.Module):
     # ---------------------------------------------------------------- input checks
     def check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input: expected a torch.Tensor of shape (B, {', '.join(map(str, self.input_shape))}), "
-                            f"got {type(x).__name__}")
+            raise TypeError(
+                f"input: expected a torch.Tensor of shape (B, {', '.join(map(str, self.input_shape))}), "
+                f"got {type(x).__name__}"
+            )
         if tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"input: expected shape (B, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"input: expected shape (B, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}"
+            )
         if not x.is_floating_point():
             raise TypeError(f"input: expected a floating-point tensor, got dtype {x.dtype}")
         if x.numel() and not torch.isfinite(x).all():
             raise ValueError("input: expected finite values, got NaN or inf")
 
     # ---------------------------------------------------------------- forward paths
-    def forward(self, x: torch.Tensor, policy: ExitPolicy | None = None, *,
-                record: bool = False) -> DynamicOutput | MultiExitOutput:
+    def forward(
+        self, x: torch.Tensor, policy: ExitPolicy | None = None, *, record: bool = False
+    ) -> DynamicOutput | MultiExitOutput:
         self.check_input(x)
         if self.training:
             return MultiExitOutput(self.all_exit_logits(x))
@@ -184,23 +208,26 @@ class EarlyExitNetwork(nn.Module):
         B = x.shape[0]
         costs = self.exit_costs(learned=policy.needs_learned)
         if B == 0:
-            return DynamicOutput(x.new_zeros(0, self.num_classes), torch.zeros(0, dtype=torch.long),
-                                 torch.zeros(0, dtype=torch.float64))
+            return DynamicOutput(
+                x.new_zeros(0, self.num_classes),
+                torch.zeros(0, dtype=torch.long),
+                torch.zeros(0, dtype=torch.float64),
+            )
         if B == 1 and not record:
             return self._run_single(x, policy, costs)
         K = self.num_exits
         scores = torch.full((B, K), float("nan")) if record else None
         exit_index = torch.empty(B, dtype=torch.long, device=x.device)
         out: torch.Tensor | None = None
-        idx = torch.arange(B, device=x.device)      # input positions of the active rows
+        idx = torch.arange(B, device=x.device)  # input positions of the active rows
         state = policy.init_state(B, x.device)
         h: Features = x
         s = 0
         for k, last_stage in enumerate(self.exit_stages):
-            while s <= last_stage:                  # 1. the next stages, active samples only
+            while s <= last_stage:  # 1. the next stages, active samples only
                 h = self.stages[s](h)
                 s += 1
-            logits = self.heads[k](h)               # 2. (B_active, C)
+            logits = self.heads[k](h)  # 2. (B_active, C)
             if out is None:
                 out = logits.new_empty(B, logits.shape[-1])
             if k == K - 1:
@@ -217,11 +244,11 @@ class EarlyExitNetwork(nn.Module):
                 out.index_copy_(0, idx, logits)
                 exit_index.index_fill_(0, idx, k)
                 break
-            gone = stop.nonzero().squeeze(1)        # 3. scatter the finished rows back in order
+            gone = stop.nonzero().squeeze(1)  # 3. scatter the finished rows back in order
             keep = (~stop).nonzero().squeeze(1)
             out.index_copy_(0, idx[gone], logits.index_select(0, gone))
             exit_index.index_fill_(0, idx[gone], k)
-            idx = idx.index_select(0, keep)         # 4. compact features and policy state
+            idx = idx.index_select(0, keep)  # 4. compact features and policy state
             h = index_select_tree(h, keep)
             state = {name: v.index_select(0, keep) for name, v in state.items()}
         flops = costs.to(exit_index.device)[exit_index]
@@ -243,7 +270,7 @@ class EarlyExitNetwork(nn.Module):
                 stop, state = policy.step(k, logits, state, learned)
                 if not bool(stop[0]):
                     continue
-            return DynamicOutput(logits, torch.tensor([k]), costs[k:k + 1].clone())
+            return DynamicOutput(logits, torch.tensor([k]), costs[k : k + 1].clone())
         raise RuntimeError("unreachable: the last exit always stops")
 
     def forward_static(self, x: torch.Tensor) -> torch.Tensor:

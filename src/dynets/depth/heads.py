@@ -14,8 +14,8 @@ from torch import nn
 
 @dataclass
 class HeadConfig:
-    kind: str = "conv"          # "linear" | "conv" | "mlp"
-    hidden: int = 0             # conv channels or MLP width; 0 = the stage's own channel count
+    kind: str = "conv"  # "linear" | "conv" | "mlp"
+    hidden: int = 0  # conv channels or MLP width; 0 = the stage's own channel count
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -32,11 +32,21 @@ def make_head(cfg: HeadConfig, channels: int, spatial: int, num_classes: int) ->
     if cfg.kind == "linear":
         return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), *drop, nn.Linear(channels, num_classes))
     if cfg.kind == "mlp":
-        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, hidden), nn.ReLU(),
-                             *drop, nn.Linear(hidden, num_classes))
+        return nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(channels, hidden),
+            nn.ReLU(),
+            *drop,
+            nn.Linear(hidden, num_classes),
+        )
     stride = 2 if spatial > 8 else 1
     return nn.Sequential(
         nn.Conv2d(channels, hidden, 3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), *drop, nn.Linear(hidden, num_classes),
+        nn.BatchNorm2d(hidden),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        *drop,
+        nn.Linear(hidden, num_classes),
     )

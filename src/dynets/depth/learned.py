@@ -12,8 +12,15 @@ import torch.nn.functional as F
 from dynets.depth.early_exit import EarlyExitNetwork
 
 
-def fit_learned_exits(model: EarlyExitNetwork, exit_logits: list[torch.Tensor], labels: torch.Tensor, *,
-                      steps: int = 300, lr: float = 1e-2, seed: int = 0) -> list[float]:
+def fit_learned_exits(
+    model: EarlyExitNetwork,
+    exit_logits: list[torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    steps: int = 300,
+    lr: float = 1e-2,
+    seed: int = 0,
+) -> list[float]:
     """Fit `model.exit_predictors` on precomputed exit logits; returns the final loss per exit."""
     if not len(model.exit_predictors):
         raise ValueError("model has no learned exits (built with learned_exits=False)")

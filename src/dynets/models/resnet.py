@@ -51,7 +51,7 @@ class ResNetConfig:
     in_channels: int = 3
     image_size: int = 32
     num_classes: int = 10
-    widths: tuple[int, ...] = (16, 32, 64)   # ResNet-20 for CIFAR by default
+    widths: tuple[int, ...] = (16, 32, 64)  # ResNet-20 for CIFAR by default
     blocks: tuple[int, ...] = (3, 3, 3)
     exits: tuple[int, ...] | None = (1, 3, 5, 7)  # blocks followed by an exit; None = every block
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -61,14 +61,20 @@ class ResNetConfig:
 
     def __post_init__(self) -> None:
         if len(self.widths) != len(self.blocks) or not self.widths:
-            raise ValueError(f"widths and blocks: expected equal non-empty lengths, got {self.widths} / {self.blocks}")
+            raise ValueError(
+                f"widths and blocks: expected equal non-empty lengths, got {self.widths} / {self.blocks}"
+            )
         if self.image_size < 1 or self.in_channels < 1 or self.num_classes < 2:
-            raise ValueError(f"image_size/in_channels >= 1 and num_classes >= 2 expected, got "
-                             f"{self.image_size}/{self.in_channels}/{self.num_classes}")
+            raise ValueError(
+                f"image_size/in_channels >= 1 and num_classes >= 2 expected, got "
+                f"{self.image_size}/{self.in_channels}/{self.num_classes}"
+            )
         n = sum(self.blocks)
         if self.exits is not None and any(not 0 <= e < n - 1 for e in self.exits):
-            raise ValueError(f"exits: expected block indices in [0, {n - 2}] (the final exit is implicit), "
-                             f"got {self.exits}")
+            raise ValueError(
+                f"exits: expected block indices in [0, {n - 2}] (the final exit is implicit), "
+                f"got {self.exits}"
+            )
 
 
 @register_architecture
@@ -79,8 +85,12 @@ class EarlyExitResNet(EarlyExitNetwork):
 
     def __init__(self, config: ResNetConfig) -> None:
         c = config
-        stem = [Normalize(_per_channel(c.mean, c.in_channels), _per_channel(c.std, c.in_channels)),
-                nn.Conv2d(c.in_channels, c.widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(c.widths[0]), nn.ReLU()]
+        stem = [
+            Normalize(_per_channel(c.mean, c.in_channels), _per_channel(c.std, c.in_channels)),
+            nn.Conv2d(c.in_channels, c.widths[0], 3, 1, 1, bias=False),
+            nn.BatchNorm2d(c.widths[0]),
+            nn.ReLU(),
+        ]
         stages: list[nn.Module] = []
         spatial_after: list[int] = []
         channels_after: list[int] = []
@@ -98,9 +108,17 @@ class EarlyExitResNet(EarlyExitNetwork):
         exit_blocks = list(range(n - 1)) if c.exits is None else sorted(set(c.exits))
         exit_stages = exit_blocks + [n - 1]
         heads = [make_head(c.head, channels_after[s], spatial_after[s], c.num_classes) for s in exit_blocks]
-        heads.append(make_head(HeadConfig(kind="linear"), channels_after[-1], spatial_after[-1], c.num_classes))
-        super().__init__(stages, heads, exit_stages, input_shape=(c.in_channels, c.image_size, c.image_size),
-                         num_classes=c.num_classes, learned_exits=c.learned_exits and len(exit_stages) > 1)
+        heads.append(
+            make_head(HeadConfig(kind="linear"), channels_after[-1], spatial_after[-1], c.num_classes)
+        )
+        super().__init__(
+            stages,
+            heads,
+            exit_stages,
+            input_shape=(c.in_channels, c.image_size, c.image_size),
+            num_classes=c.num_classes,
+            learned_exits=c.learned_exits and len(exit_stages) > 1,
+        )
         self.config = config
 
 

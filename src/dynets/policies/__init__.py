@@ -13,5 +13,15 @@ from dynets.policies.exit_policies import (
     policy_from_dict,
 )
 
-__all__ = ["POLICIES", "ConfidencePolicy", "EntropyPolicy", "ExitPolicy", "LearnedPolicy", "NeverExitPolicy",
-           "PatiencePolicy", "ThresholdPolicy", "make_policy", "policy_from_dict"]
+__all__ = [
+    "POLICIES",
+    "ConfidencePolicy",
+    "EntropyPolicy",
+    "ExitPolicy",
+    "LearnedPolicy",
+    "NeverExitPolicy",
+    "PatiencePolicy",
+    "ThresholdPolicy",
+    "make_policy",
+    "policy_from_dict",
+]

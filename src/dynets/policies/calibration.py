@@ -28,11 +28,17 @@ class Calibration:
     exit_fractions: list[float]
 
 
-def _score_matrix(cls: type[ThresholdPolicy], exit_logits: Sequence[torch.Tensor],
-                  learned: torch.Tensor | None) -> torch.Tensor:
+def _score_matrix(
+    cls: type[ThresholdPolicy], exit_logits: Sequence[torch.Tensor], learned: torch.Tensor | None
+) -> torch.Tensor:
     probe = cls(0.5)
-    return torch.stack([probe.score(exit_logits[k], learned[:, k] if learned is not None else None)
-                        for k in range(len(exit_logits) - 1)], dim=1).double()  # (N, K-1)
+    return torch.stack(
+        [
+            probe.score(exit_logits[k], learned[:, k] if learned is not None else None)
+            for k in range(len(exit_logits) - 1)
+        ],
+        dim=1,
+    ).double()  # (N, K-1)
 
 
 def _geometric(scores: torch.Tensor, costs: torch.Tensor, budget: float) -> list[float]:
@@ -68,7 +74,9 @@ def _geometric(scores: torch.Tensor, costs: torch.Tensor, budget: float) -> list
 def _shared(scores: torch.Tensor, costs: torch.Tensor, budget: float) -> list[float]:
     def cost_at(t: float) -> float:
         stop = scores >= t
-        first = torch.where(stop.any(1), stop.float().argmax(1), torch.full((scores.shape[0],), costs.numel() - 1))
+        first = torch.where(
+            stop.any(1), stop.float().argmax(1), torch.full((scores.shape[0],), costs.numel() - 1)
+        )
         return float(costs[first].mean())
 
     values = torch.unique(scores)
@@ -85,9 +93,17 @@ def _shared(scores: torch.Tensor, costs: torch.Tensor, budget: float) -> list[fl
     return [t] * (scores.shape[1])
 
 
-def calibrate(kind: str, exit_logits: Sequence[torch.Tensor], labels: torch.Tensor, exit_costs: torch.Tensor,
-              budget: float, *, full_cost: float | None = None, learned: torch.Tensor | None = None,
-              strategy: str = "best") -> Calibration:
+def calibrate(
+    kind: str,
+    exit_logits: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    exit_costs: torch.Tensor,
+    budget: float,
+    *,
+    full_cost: float | None = None,
+    learned: torch.Tensor | None = None,
+    strategy: str = "best",
+) -> Calibration:
     """Thresholds for policy `kind` so the mean cost on this (validation) data equals `budget`.
 
     budget: FLOPs per sample, or a fraction of `full_cost` when 0 < budget <= 1 and full_cost is given.
@@ -105,17 +121,23 @@ def calibrate(kind: str, exit_logits: Sequence[torch.Tensor], labels: torch.Tens
     elif budget > 1:
         target = float(budget)
     else:
-        raise ValueError(f"budget: expected a fraction in (0, 1] of the full cost or FLOPs > 1, got {budget!r}")
+        raise ValueError(
+            f"budget: expected a fraction in (0, 1] of the full cost or FLOPs > 1, got {budget!r}"
+        )
     if not float(costs[0]) <= target <= float(costs[-1]) * 1.0001:
-        raise ValueError(f"budget {target:.4g} FLOPs is outside what this model can spend: expected between the "
-                         f"first exit's {float(costs[0]):.4g} and the last exit's {float(costs[-1]):.4g}")
+        raise ValueError(
+            f"budget {target:.4g} FLOPs is outside what this model can spend: expected between the "
+            f"first exit's {float(costs[0]):.4g} and the last exit's {float(costs[-1]):.4g}"
+        )
     scores = _score_matrix(cls, exit_logits, learned)
     labels = labels.cpu()
     results = []
     for name, fn in (("geometric", _geometric), ("shared", _shared)):
         if strategy not in ("best", name):
             continue
-        policy = cls.from_score_thresholds([t if t != float("inf") else 2.0 for t in fn(scores, costs, target)])
+        policy = cls.from_score_thresholds(
+            [t if t != float("inf") else 2.0 for t in fn(scores, costs, target)]
+        )
         idx = replay_exits(policy, exit_logits, learned)
         preds = torch.stack([lg.argmax(-1).cpu() for lg in exit_logits], 1).gather(1, idx[:, None]).squeeze(1)
         acc = float((preds == labels).double().mean())

@@ -30,8 +30,9 @@ class ExitPolicy:
     def init_state(self, batch_size: int, device: torch.device) -> State:
         return {}
 
-    def step(self, k: int, logits: torch.Tensor, state: State,
-             learned: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+    def step(
+        self, k: int, logits: torch.Tensor, state: State, learned: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, State]:
         """Return (stop (B,) bool, new state) for the samples still running at exit k."""
         raise NotImplementedError
 
@@ -52,7 +53,9 @@ class ThresholdPolicy(ExitPolicy):
     def __init__(self, threshold: float | Sequence[float] = 0.9) -> None:
         values = [threshold] if isinstance(threshold, (int, float)) else list(threshold)
         if not values:
-            raise ValueError(f"{self.kind} threshold: expected a number or a non-empty list, got {threshold!r}")
+            raise ValueError(
+                f"{self.kind} threshold: expected a number or a non-empty list, got {threshold!r}"
+            )
         for t in values:
             if not isinstance(t, (int, float)) or math.isnan(t) or not (self.low <= t <= self.high):
                 raise ValueError(f"{self.kind} threshold must lie in [{self.low}, {self.high}], got {t!r}")
@@ -62,8 +65,10 @@ class ThresholdPolicy(ExitPolicy):
         if len(self.thresholds) == 1:
             return self.thresholds[0]
         if k >= len(self.thresholds):
-            raise ValueError(f"{self.kind} policy has {len(self.thresholds)} per-exit thresholds but was asked "
-                             f"about exit {k}; expected one threshold per non-final exit")
+            raise ValueError(
+                f"{self.kind} policy has {len(self.thresholds)} per-exit thresholds but was asked "
+                f"about exit {k}; expected one threshold per non-final exit"
+            )
         return self.thresholds[k]
 
     # The score is "higher means more sure"; score_threshold maps the user's threshold onto it.
@@ -131,8 +136,10 @@ class LearnedPolicy(ThresholdPolicy):
 
     def score(self, logits, learned=None):
         if learned is None:
-            raise ValueError("learned policy needs the model's learned-exit scores, got none; "
-                             "train them first with dynets.depth.fit_learned_exits")
+            raise ValueError(
+                "learned policy needs the model's learned-exit scores, got none; "
+                "train them first with dynets.depth.fit_learned_exits"
+            )
         return learned.float()
 
 
@@ -150,8 +157,10 @@ class PatiencePolicy(ExitPolicy):
         self.patience = patience
 
     def init_state(self, batch_size, device):
-        return {"prev": torch.full((batch_size,), -1, dtype=torch.long, device=device),
-                "count": torch.zeros(batch_size, dtype=torch.long, device=device)}
+        return {
+            "prev": torch.full((batch_size,), -1, dtype=torch.long, device=device),
+            "count": torch.zeros(batch_size, dtype=torch.long, device=device),
+        }
 
     def step(self, k, logits, state, learned=None):
         pred = logits.argmax(dim=-1)

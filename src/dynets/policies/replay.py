@@ -14,8 +14,9 @@ import torch
 from dynets.policies.exit_policies import ExitPolicy
 
 
-def replay_exits(policy: ExitPolicy, exit_logits: Sequence[torch.Tensor],
-                 learned: torch.Tensor | None = None) -> torch.Tensor:
+def replay_exits(
+    policy: ExitPolicy, exit_logits: Sequence[torch.Tensor], learned: torch.Tensor | None = None
+) -> torch.Tensor:
     """(N,) exit index each sample takes under `policy`, given every exit's logits (each (N, C))."""
     K = len(exit_logits)
     if K == 0:

@@ -134,7 +134,8 @@ def restore_rng_state(states: list[dict], info: DistInfo, seed: int) -> None:
     if len(states) != info.world_size:
         warnings.warn(
             f"checkpoint holds RNG states for {len(states)} ranks, this run has {info.world_size}; "
-            "reseeding (dropout masks will differ from an uninterrupted run)", stacklevel=3,
+            "reseeding (dropout masks will differ from an uninterrupted run)",
+            stacklevel=3,
         )
         torch.manual_seed(seed + 7919 * len(states) + info.rank)
         return

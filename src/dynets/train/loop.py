@@ -48,7 +48,11 @@ from dynets.train.losses import EXIT_WEIGHT_SCHEMES, exit_weights, multi_exit_lo
 __all__ = ["TrainConfig", "TrainResult", "load_checkpoint", "random_crop_flip", "save_checkpoint", "train"]
 
 CHECKPOINT_NAME = "last.pt"
-_CHOICES = {"optimizer": ("sgd", "adamw"), "schedule": ("cosine", "constant"), "augment": ("none", "crop_flip")}
+_CHOICES = {
+    "optimizer": ("sgd", "adamw"),
+    "schedule": ("cosine", "constant"),
+    "augment": ("none", "crop_flip"),
+}
 
 
 @dataclass
@@ -143,7 +147,9 @@ class TrainResult:
 def _check_data(data: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = getattr(data, "x", None), getattr(data, "y", None)
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise TypeError(f"{name}: expected an object with tensor attributes .x and .y, got {type(data).__name__}")
+        raise TypeError(
+            f"{name}: expected an object with tensor attributes .x and .y, got {type(data).__name__}"
+        )
     if y.dim() != 1 or y.dtype != torch.int64 or x.shape[0] != y.shape[0] or y.shape[0] == 0:
         raise ValueError(
             f"{name}: expected .x (N, ...) and .y (N,) int64 with N > 0, got x {tuple(x.shape)} and "
@@ -193,21 +199,28 @@ def _exit_logits(out: Any) -> list[torch.Tensor]:
     if isinstance(out, MultiExitOutput) or hasattr(out, "exit_logits"):
         return list(out.exit_logits)
     raise TypeError(
-        f"model output: expected MultiExitOutput or a (B, C) Tensor in training mode, got {type(out).__name__}"
+        "model output: expected MultiExitOutput or a (B, C) Tensor in training mode, "
+        f"got {type(out).__name__}"
     )
 
 
 def _default_loss(config: TrainConfig, out: Any, target: torch.Tensor) -> torch.Tensor:
     return multi_exit_loss(
-        _exit_logits(out), target, weights=config.exit_weights, distill=config.distill,
-        temperature=config.temperature, label_smoothing=config.label_smoothing,
+        _exit_logits(out),
+        target,
+        weights=config.exit_weights,
+        distill=config.distill,
+        temperature=config.temperature,
+        label_smoothing=config.label_smoothing,
     )
 
 
 # -------------------------------------------------------------------- optimiser, schedule, checkpoint
 def _make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
@@ -293,14 +306,18 @@ def _run(model, params, x, y, eval_xy, config, info, resume, stop_after_epoch, l
             f"got {config.batch_size}"
         )
     if config.augment == "crop_flip" and x.dim() != 4:
-        raise ValueError(f"TrainConfig.augment='crop_flip': expected images (N, C, H, W), got x {tuple(x.shape)}")
+        raise ValueError(
+            f"TrainConfig.augment='crop_flip': expected images (N, C, H, W), got x {tuple(x.shape)}"
+        )
     n_used = x.shape[0] - x.shape[0] % info.world_size  # every rank gets the same number of samples
     if n_used == 0:
         raise ValueError(f"data: expected at least world_size={info.world_size} samples, got {x.shape[0]}")
     steps_per_epoch = math.ceil(n_used / config.batch_size)
     optimizer = _make_optimizer(params, config)
     factor = partial(
-        _lr_factor, total=config.epochs * steps_per_epoch, cosine=config.schedule == "cosine",
+        _lr_factor,
+        total=config.epochs * steps_per_epoch,
+        cosine=config.schedule == "cosine",
         warmup=round(config.warmup_epochs * steps_per_epoch),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -309,8 +326,11 @@ def _run(model, params, x, y, eval_xy, config, info, resume, stop_after_epoch, l
     start, history = 0, []
     if resume:
         state = load_checkpoint(ckpt)
-        changed = [k for k, v in asdict(config).items()
-                   if k not in ("epochs", "progress", "checkpoint_dir") and state["config"].get(k) != v]
+        changed = [
+            k
+            for k, v in asdict(config).items()
+            if k not in ("epochs", "progress", "checkpoint_dir") and state["config"].get(k) != v
+        ]
         if changed:
             warnings.warn(f"resuming {ckpt} with changed config fields {changed}", stacklevel=3)
         model.load_state_dict(state["model"])
@@ -336,12 +356,21 @@ def _run(model, params, x, y, eval_xy, config, info, resume, stop_after_epoch, l
         if ckpt is not None:
             rng = gather_rng_states(info)  # collective: every rank takes part
             if info.is_main:
-                save_checkpoint(ckpt, {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": scheduler.last_epoch,
-                    "rng": rng, "config": asdict(config), "history": history,
-                    "world_size": info.world_size, "format_version": 1,
-                })
+                save_checkpoint(
+                    ckpt,
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch + 1,
+                        "step": scheduler.last_epoch,
+                        "rng": rng,
+                        "config": asdict(config),
+                        "history": history,
+                        "world_size": info.world_size,
+                        "format_version": 1,
+                    },
+                )
             barrier(info)
     model.train()
     return TrainResult(history=history, model=model, checkpoint=str(ckpt) if ckpt is not None else None)
@@ -358,8 +387,13 @@ def _train_epoch(net, optimizer, scheduler, params, x, y, config, info, epoch, l
     aug_gen = _epoch_generator(config.seed, epoch, 1)
     stats = torch.zeros(3, dtype=torch.float64)  # loss sum, correct (last exit), count
     steps = math.ceil(local.shape[0] / b_local)
-    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-               disable=not (config.progress and info.is_main), dynamic_ncols=True)
+    bar = tqdm(
+        range(steps),
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        leave=False,
+        disable=not (config.progress and info.is_main),
+        dynamic_ncols=True,
+    )
     for i in bar:
         # 2. local batch i = global batch i [rank::world]
         idx = local[i * b_local : (i + 1) * b_local]

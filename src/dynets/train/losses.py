@@ -52,9 +52,7 @@ def exit_weights(n_exits: int, scheme: str | Sequence[float] | torch.Tensor = "u
         except (TypeError, ValueError) as e:
             raise ValueError(f"exit weights: expected numbers, got {values!r}") from e
         if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(
-                f"exit weights: expected finite values >= 0, not all zero, got {values!r}"
-            )
+            raise ValueError(f"exit weights: expected finite values >= 0, not all zero, got {values!r}")
     return (w / w.sum()).to(torch.float32)
 
 
@@ -88,7 +86,11 @@ def multi_exit_loss(
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing: expected a float in [0, 1), got {label_smoothing!r}")
     if not isinstance(target, torch.Tensor) or target.dim() != 1 or target.dtype != torch.int64:
-        got = f"shape {tuple(target.shape)} {target.dtype}" if isinstance(target, torch.Tensor) else type(target)
+        got = (
+            f"shape {tuple(target.shape)} {target.dtype}"
+            if isinstance(target, torch.Tensor)
+            else type(target)
+        )
         raise ValueError(f"target: expected a (B,) int64 tensor of class indices, got {got}")
     if target.shape[0] == 0:
         raise ValueError("target: expected a non-empty batch, got B = 0")

@@ -1,3 +1,6 @@
 """The model zoo: one file per family, each builder registered by name."""
 
-from dynets.models import resnet  # noqa: F401
+from dynets.models import (
+    msdnet,  # noqa: F401
+    resnet,  # noqa: F401
+)

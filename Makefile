@@ -8,7 +8,6 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 	# The exact pin takes the offline CPU wheel; a looser spec would pull GBs of CUDA packages.
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e ".[dev]"

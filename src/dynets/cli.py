@@ -205,7 +205,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from dynets.bench.early_exit import EarlyExitBenchConfig, run
+    from dynets.bench.early_exit import HEADLINE_KEYS, EarlyExitBenchConfig, run
 
     if args.which != "early-exit":
         raise SystemExit(f"bench: expected one of ['early-exit'], got {args.which!r}")
@@ -214,17 +214,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         extra.update(train_limit=args.limit, test_limit=args.limit)
     cfg = EarlyExitBenchConfig(data=args.data, quick=args.quick, model_kw=_model_kwargs(args.set), **extra)
     r = run(cfg, json_path=args.json, out_dir=args.out, progress=not args.no_progress)
-    keys = [
-        "static_acc",
-        "dynamic_acc",
-        "flops_ratio",
-        "speedup_b1",
-        "speedup_b64",
-        "realization_b1",
-        "realization_b64",
-        "calibration_error_max",
-    ]
-    print(json.dumps({k: round(r[k], 4) for k in keys}, indent=2))
+    print(json.dumps({k: r[k] if r[k] is None else round(r[k], 4) for k in HEADLINE_KEYS}, indent=2))
     return 0
 
 
@@ -239,7 +229,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         batch_size=64,
         lr=0.05,
         budgets=(0.4, 0.5, 0.7),
-        model_kw=dict(widths=(16, 32, 64), blocks=(2, 2, 2), exits=(0, 2)),
+        model_kw=dict(widths=(16, 32, 64), blocks=(2, 2, 2), exits=(0, 2), stem_stride=1),
         b1_samples=200,
         b64_samples=360,
         rounds=3,

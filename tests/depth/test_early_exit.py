@@ -223,3 +223,20 @@ def test_bad_construction():
             input_shape=(2,),
             num_classes=2,
         )
+
+
+def test_optimize_for_inference_matches_and_is_inference_only(model, tmp_path):
+    x = torch.rand(20, 3, 32, 32)
+    policy = _quantile_policy(model, x)
+    fast = model.optimize_for_inference()
+    a, b = model(x, policy=policy), fast(x, policy=policy)
+    assert torch.equal(a.exit_index, b.exit_index) and torch.equal(a.flops, b.flops)
+    assert torch.allclose(a.logits, b.logits, atol=1e-4)
+    assert torch.allclose(model.forward_static(x), fast.forward_static(x), atol=1e-4)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.stages.modules())
+    with pytest.raises(RuntimeError, match="optimize_for_inference"):
+        fast.train()
+    from dynets.core.serialization import save
+
+    with pytest.raises(TypeError, match="optimize_for_inference"):
+        save(fast, tmp_path / "fast")

@@ -53,8 +53,9 @@ def x() -> torch.Tensor:
     return torch.rand(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-def _spread_policy(ref: list[torch.Tensor], levels: tuple[float, ...] = (0.8, 0.7, 0.6, 0.5)
-                   ) -> ConfidencePolicy:
+def _spread_policy(
+    ref: list[torch.Tensor], levels: tuple[float, ...] = (0.8, 0.7, 0.6, 0.5)
+) -> ConfidencePolicy:
     """Per-exit thresholds halfway between two neighbouring reference scores near the given quantiles,
     so samples leave at several exits and none sits on a threshold."""
     thresholds = []
@@ -87,7 +88,7 @@ def test_stages_carry_a_shrinking_list_of_scales(model):
         for stage in model.stages:
             h = stage(h)
             assert isinstance(h, list)
-            assert tuple(h[-1].shape[-2:]) == (8, 8)                 # coarsest scale stays last
+            assert tuple(h[-1].shape[-2:]) == (8, 8)  # coarsest scale stays last
             sizes = [t.shape[-1] for t in h]
             assert sizes == [8 * 2 ** (len(h) - 1 - j) for j in range(len(h))]  # finest first, halving
             lengths.append(len(h))
@@ -113,9 +114,9 @@ def test_batch_of_one_and_empty_batch(model, x):
         policy = _spread_policy(model.all_exit_logits(x))
     batched = model(x, policy=policy)
     for i in (0, 7, 23, 47):
-        single = model(x[i:i + 1], policy=policy)
-        assert torch.equal(single.exit_index, batched.exit_index[i:i + 1])
-        assert torch.allclose(single.logits, batched.logits[i:i + 1], atol=1e-5)
+        single = model(x[i : i + 1], policy=policy)
+        assert torch.equal(single.exit_index, batched.exit_index[i : i + 1])
+        assert torch.allclose(single.logits, batched.logits[i : i + 1], atol=1e-5)
     empty = model(x[:0], policy=policy)
     assert empty.logits.shape == (0, 10) and empty.exit_index.shape == (0,) and empty.flops.shape == (0,)
 
@@ -127,7 +128,7 @@ def test_flops_are_the_exit_costs(model, x):
     costs = model.exit_costs()
     assert torch.equal(out.flops, costs[out.exit_index])
     assert bool((costs[1:] > costs[:-1]).all())
-    assert 60e6 <= model.full_cost() <= 120e6   # the design target at 32x32: near ResNet-20's ~82 MFLOPs
+    assert 60e6 <= model.full_cost() <= 120e6  # the design target at 32x32: near ResNet-20's ~82 MFLOPs
 
 
 def test_static_msdnet_shares_the_backbone(model):
@@ -139,16 +140,19 @@ def test_static_msdnet_shares_the_backbone(model):
     assert len(static(torch.rand(2, 3, 32, 32)).exit_logits) == 1
 
 
-@pytest.mark.parametrize("kw", [
-    dict(in_channels=1, image_size=28, scales=3, blocks=3, layers_per_block=(1, 2, 1)),
-    dict(image_size=16, scales=2, blocks=2, exits=(0,), head=MSDHeadConfig(kind="linear")),
-    dict(image_size=8, scales=1, blocks=2, growth=4, reduction=1.0),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(in_channels=1, image_size=28, scales=3, blocks=3, layers_per_block=(1, 2, 1)),
+        dict(image_size=16, scales=2, blocks=2, exits=(0,), head=MSDHeadConfig(kind="linear")),
+        dict(image_size=8, scales=1, blocks=2, growth=4, reduction=1.0),
+    ],
+)
 def test_other_sizes_and_options(kw):
     m = EarlyExitMSDNet(MSDNetConfig(**kw)).eval()
     c = m.config
     xs = torch.rand(3, c.in_channels, c.image_size, c.image_size)
-    out = m(xs, policy=ConfidencePolicy(0.0))          # everyone leaves at the first exit
+    out = m(xs, policy=ConfidencePolicy(0.0))  # everyone leaves at the first exit
     assert out.logits.shape == (3, 10) and out.exit_index.tolist() == [0, 0, 0]
     with torch.no_grad():
         torch.testing.assert_close(out.logits, m.all_exit_logits(xs)[0])
@@ -165,12 +169,27 @@ def test_save_load_round_trip(model, x, tmp_path):
     assert torch.equal(before.logits, after.logits)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("in_channels", 0), ("image_size", 30), ("num_classes", 1), ("blocks", 0), ("layers_per_block", 0),
-    ("layers_per_block", (2, 2)), ("channels", 0), ("growth", -1), ("scales", 0), ("bottleneck", 0),
-    ("reduction", 0.0), ("reduction", 1.5), ("exits", (4,)), ("mean", (0.5, 0.5)), ("std", (0.0,)),
-    ("head", "conv"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("in_channels", 0),
+        ("image_size", 30),
+        ("num_classes", 1),
+        ("blocks", 0),
+        ("layers_per_block", 0),
+        ("layers_per_block", (2, 2)),
+        ("channels", 0),
+        ("growth", -1),
+        ("scales", 0),
+        ("bottleneck", 0),
+        ("reduction", 0.0),
+        ("reduction", 1.5),
+        ("exits", (4,)),
+        ("mean", (0.5, 0.5)),
+        ("std", (0.0,)),
+        ("head", "conv"),
+    ],
+)
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         MSDNetConfig(**{field: value})

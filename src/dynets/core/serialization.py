@@ -3,7 +3,9 @@
 Writes are atomic: everything goes to a temporary sibling directory that is renamed into place,
 so an interrupted save never leaves a half-written model. A model is saveable when it has a
 dataclass `config` and its class is registered with `register_architecture`; the current policy
-(thresholds included) is saved with it.
+(thresholds included) is saved with it. Optional hooks: `model.save_extra_files(tmp_dir)` writes
+more files into the directory being saved; `cls.from_saved_directory(config, directory)` builds
+the (weight-less) model on load when it needs those files.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extra: dict[str, Any
             f"cannot save a {arch}: expected a registered architecture with a dataclass `config` "
             f"(known: {sorted(_ARCHITECTURES)}); for your own modules save model.state_dict()"
         )
+    if getattr(model, "inference_only", False):
+        raise TypeError(
+            "cannot save a model made by optimize_for_inference (its BatchNorm is folded away); "
+            "save the original model instead"
+        )
     policy = getattr(model, "policy", None)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -71,6 +78,8 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extra: dict[str, Any
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if hasattr(model, "save_extra_files"):  # e.g. a tokenizer, written inside the same atomic dir
+            model.save_extra_files(tmp)
 
     _atomic_dir_write(Path(directory), write)
     return Path(directory)
@@ -109,7 +118,13 @@ def load(directory: str | os.PathLike, *, map_location: str = "cpu") -> nn.Modul
             f"unknown architecture {arch!r} in {directory}; expected one of {sorted(_ARCHITECTURES)}"
         )
     cls = _ARCHITECTURES[arch]
-    model = cls(config_from_dict(cls.config_class, meta["config"]))  # type: ignore[attr-defined]
+    config = config_from_dict(cls.config_class, meta["config"])  # type: ignore[attr-defined]
+    # A class may rebuild itself from the directory (e.g. to read a tokenizer saved beside the weights).
+    model = (
+        cls.from_saved_directory(config, Path(directory))
+        if hasattr(cls, "from_saved_directory")
+        else cls(config)
+    )
     weights = Path(directory) / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: expected the model weights beside config.json")

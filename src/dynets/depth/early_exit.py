@@ -16,6 +16,7 @@ each sample took.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -174,6 +175,59 @@ class EarlyExitNetwork(nn.Module):
         if x.numel() and not torch.isfinite(x).all():
             raise ValueError("input: expected finite values, got NaN or inf")
 
+    # ---------------------------------------------------------------- backbone freezing
+    frozen_backbone: bool = False
+
+    def freeze_backbone(self, source: EarlyExitNetwork | None = None) -> EarlyExitNetwork:
+        """Train only the internal exits on a fixed, already trained backbone (SDN's "IC-only"
+        training, DeeBERT's second stage): copy the stages and final classifier from `source` (a
+        trained model with the same backbone, e.g. the static baseline) if given, then freeze them;
+        their BatchNorm stays in eval mode while the exits train. The final exit then equals the
+        source model's prediction exactly."""
+        if source is not None:
+            self.stages.load_state_dict(source.stages.state_dict())
+            self.heads[-1].load_state_dict(source.heads[-1].state_dict())
+        for p in [*self.stages.parameters(), *self.heads[-1].parameters()]:
+            p.requires_grad_(False)
+        self.frozen_backbone = True
+        return self.train(self.training)
+
+    # ---------------------------------------------------------------- inference optimisation
+    inference_only: bool = False
+
+    def optimize_for_inference(self) -> EarlyExitNetwork:
+        """An inference-only copy: BatchNorm folded into the preceding convs (torch.fx) and NHWC
+        (channels_last) tensors, which run small convolutions much faster on CPU. Outputs and
+        per-sample FLOPs are those of the original (up to float rounding). Apply it to the static
+        baseline too when comparing speed, so both sides get the same treatment."""
+        from torch.fx.experimental.optimization import fuse
+
+        def try_fuse(mod: nn.Module) -> nn.Module:
+            try:
+                return fuse(mod)
+            except Exception:  # not traceable by torch.fx (e.g. list-valued features): keep as is
+                return mod
+
+        self.unit_costs()  # measured on the original modules, kept by the copy
+        fast = copy.deepcopy(self).eval()
+        fast.stages = nn.ModuleList(try_fuse(s) for s in fast.stages)
+        fast.heads = nn.ModuleList(try_fuse(h) for h in fast.heads)
+        fast.to(memory_format=torch.channels_last)
+        fast.inference_only = True
+        return fast
+
+    def train(self, mode: bool = True) -> EarlyExitNetwork:
+        if mode and self.inference_only:
+            raise RuntimeError(
+                "this copy was made by optimize_for_inference (BatchNorm folded); train the original"
+            )
+        return super().train(mode)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inference_only and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     # ---------------------------------------------------------------- forward paths
     def forward(
         self, x: torch.Tensor, policy: ExitPolicy | None = None, *, record: bool = False
@@ -186,7 +240,7 @@ class EarlyExitNetwork(nn.Module):
 
     def all_exit_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every exit's logits for every sample (anytime mode and the reference for tests)."""
-        outs, h = [], x
+        outs, h = [], self._prepare(x)
         k = 0
         for i, stage in enumerate(self.stages):
             h = stage(h)
@@ -221,7 +275,7 @@ class EarlyExitNetwork(nn.Module):
         out: torch.Tensor | None = None
         idx = torch.arange(B, device=x.device)  # input positions of the active rows
         state = policy.init_state(B, x.device)
-        h: Features = x
+        h: Features = self._prepare(x)
         s = 0
         for k, last_stage in enumerate(self.exit_stages):
             while s <= last_stage:  # 1. the next stages, active samples only
@@ -258,7 +312,7 @@ class EarlyExitNetwork(nn.Module):
     def _run_single(self, x: torch.Tensor, policy: ExitPolicy, costs: torch.Tensor) -> DynamicOutput:
         """Batch size 1: stop at the first exit the policy accepts, with no compaction at all."""
         state = policy.init_state(1, x.device)
-        h: Features = x
+        h: Features = self._prepare(x)
         s, K = 0, self.num_exits
         for k, last_stage in enumerate(self.exit_stages):
             while s <= last_stage:
@@ -275,7 +329,7 @@ class EarlyExitNetwork(nn.Module):
 
     def forward_static(self, x: torch.Tensor) -> torch.Tensor:
         """The plain static path: every stage, final head only (no exit heads run)."""
-        h: Features = x
+        h: Features = self._prepare(x)
         for stage in self.stages:
             h = stage(h)
         return self.heads[-1](h)

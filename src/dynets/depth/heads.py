@@ -1,7 +1,7 @@
 """Exit heads: map a stage's features to class logits.
 
 `linear`: global average pool + linear (cheapest). `conv`: one 3x3 conv (stride 2 while the map is
-larger than 8x8) + BN + ReLU, then pool + linear, the Shallow-Deep Networks / MSDNet recipe that
+at least 8x8) + BN + ReLU, then pool + linear, the Shallow-Deep Networks / MSDNet recipe that
 makes shallow exits far stronger for a small cost. `mlp`: pool + hidden layer + linear.
 """
 
@@ -40,7 +40,7 @@ def make_head(cfg: HeadConfig, channels: int, spatial: int, num_classes: int) ->
             *drop,
             nn.Linear(hidden, num_classes),
         )
-    stride = 2 if spatial > 8 else 1
+    stride = 2 if spatial >= 8 else 1
     return nn.Sequential(
         nn.Conv2d(channels, hidden, 3, stride=stride, padding=1, bias=False),
         nn.BatchNorm2d(hidden),

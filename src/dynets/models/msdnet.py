@@ -45,7 +45,7 @@ class MSDHeadConfig(HeadConfig):
     ("linear", "conv", "mlp"; there hidden=0 means the coarsest scale's channel count)."""
 
     kind: str = "msdnet"
-    hidden: int = 64            # the paper's CIFAR heads use 128 (about 2x the heads' FLOPs)
+    hidden: int = 64  # the paper's CIFAR heads use 128 (about 2x the heads' FLOPs)
 
     def __post_init__(self) -> None:
         if self.kind != "msdnet":
@@ -57,16 +57,16 @@ class MSDHeadConfig(HeadConfig):
 @dataclass
 class MSDNetConfig:
     in_channels: int = 3
-    image_size: int = 32                     # must be divisible by 2^(scales-1)
+    image_size: int = 32  # must be divisible by 2^(scales-1)
     num_classes: int = 10
-    blocks: int = 5                          # stages after stage 0, each followed by an exit
+    blocks: int = 5  # stages after stage 0, each followed by an exit
     layers_per_block: int | tuple[int, ...] = 2  # one count for every block, or one per block
-    channels: int = 24                       # channels at scale 0 after the first layer (x2 per scale)
-    growth: int = 6                          # channels added per layer at scale 0 (x2 per scale)
+    channels: int = 24  # channels at scale 0 after the first layer (x2 per scale)
+    growth: int = 6  # channels added per layer at scale 0 (x2 per scale)
     scales: int = 3
-    bottleneck: int = 1                      # 1x1 bottleneck width = bottleneck * 2^s * conv output
-    reduction: float = 0.5                   # transitions keep this fraction of channels; 1 = none
-    exits: tuple[int, ...] | None = None     # blocks followed by an exit; None = every block
+    bottleneck: int = 1  # 1x1 bottleneck width = bottleneck * 2^s * conv output
+    reduction: float = 0.5  # transitions keep this fraction of channels; 1 = none
+    exits: tuple[int, ...] | None = None  # blocks followed by an exit; None = every block
     head: MSDHeadConfig = field(default_factory=MSDHeadConfig)
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.25,)
@@ -77,25 +77,53 @@ class MSDNetConfig:
             if isinstance(getattr(self, name), list):
                 setattr(self, name, tuple(getattr(self, name)))
         for name in ("in_channels", "image_size", "blocks", "channels", "growth", "scales", "bottleneck"):
-            _check(name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1",
-                   getattr(self, name))
-        _check("num_classes", _is_int(self.num_classes) and self.num_classes >= 2, "an integer >= 2",
-               self.num_classes)
-        _check("image_size", self.image_size % 2 ** (self.scales - 1) == 0,
-               f"a multiple of 2^(scales-1) = {2 ** (self.scales - 1)}", self.image_size)
+            _check(
+                name,
+                _is_int(getattr(self, name)) and getattr(self, name) >= 1,
+                "an integer >= 1",
+                getattr(self, name),
+            )
+        _check(
+            "num_classes",
+            _is_int(self.num_classes) and self.num_classes >= 2,
+            "an integer >= 2",
+            self.num_classes,
+        )
+        _check(
+            "image_size",
+            self.image_size % 2 ** (self.scales - 1) == 0,
+            f"a multiple of 2^(scales-1) = {2 ** (self.scales - 1)}",
+            self.image_size,
+        )
         lpb = self.layers_per_block
         lpb_ok = _is_int(lpb) or (isinstance(lpb, tuple) and len(lpb) in (1, self.blocks))
-        _check("layers_per_block", lpb_ok and all(_is_int(n) and n >= 1 for n in self.steps),
-               f"an integer >= 1 or a tuple of {self.blocks} such integers", lpb)
-        _check("reduction", isinstance(self.reduction, (int, float)) and 0 < self.reduction <= 1,
-               "a number in (0, 1]", self.reduction)
+        _check(
+            "layers_per_block",
+            lpb_ok and all(_is_int(n) and n >= 1 for n in self.steps),
+            f"an integer >= 1 or a tuple of {self.blocks} such integers",
+            lpb,
+        )
+        _check(
+            "reduction",
+            isinstance(self.reduction, (int, float)) and 0 < self.reduction <= 1,
+            "a number in (0, 1]",
+            self.reduction,
+        )
         exits_ok = self.exits is None or all(_is_int(e) and 0 <= e < self.blocks - 1 for e in self.exits)
-        _check("exits", isinstance(self.exits, tuple | None) and exits_ok,
-               f"None or block indices in [0, {self.blocks - 2}] (the final exit is implicit)", self.exits)
+        _check(
+            "exits",
+            isinstance(self.exits, tuple | None) and exits_ok,
+            f"None or block indices in [0, {self.blocks - 2}] (the final exit is implicit)",
+            self.exits,
+        )
         for name in ("mean", "std"):
             v = getattr(self, name)
-            _check(name, isinstance(v, tuple) and len(v) in (1, self.in_channels),
-                   f"a tuple of 1 or in_channels={self.in_channels} numbers", v)
+            _check(
+                name,
+                isinstance(v, tuple) and len(v) in (1, self.in_channels),
+                f"a tuple of 1 or in_channels={self.in_channels} numbers",
+                v,
+            )
         _check("std", all(s > 0 for s in self.std), "positive values", self.std)
         _check("head", isinstance(self.head, HeadConfig), "an MSDHeadConfig", self.head)
 
@@ -116,8 +144,11 @@ def _check(name: str, ok: bool, expected: str, value: object) -> None:
 
 
 def conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
 
 
 def bottleneck_conv(cin: int, cout: int, stride: int, width: int) -> nn.Sequential:
@@ -167,7 +198,8 @@ class MSDLayer(nn.Module):
         # (as in MSDNet, also when the neighbour is being dropped by this very layer)
         self.units = nn.ModuleList(
             ScaleUnit(c * 2 ** (s - 1) if s > first_in else 0, c * 2**s, growth * 2**s, bottleneck * 2**s)
-            for s in range(first, scales))
+            for s in range(first, scales)
+        )
 
     def forward(self, xs: Scales) -> Scales:
         # input index of output j is j + drop; its finer neighbour is the entry before it (if any)
@@ -195,13 +227,21 @@ class Coarsest(nn.Module):
 def msdnet_head(cfg: MSDHeadConfig, channels: int, spatial: int, num_classes: int) -> nn.Sequential:
     """(list of scales) -> (B, num_classes) logits from the coarsest scale (B, channels, spatial, spatial)."""
     if cfg.kind != "msdnet":
-        return nn.Sequential(Coarsest(), make_head(HeadConfig(cfg.kind, cfg.hidden, cfg.dropout), channels,
-                                                   spatial, num_classes))
+        return nn.Sequential(
+            Coarsest(),
+            make_head(HeadConfig(cfg.kind, cfg.hidden, cfg.dropout), channels, spatial, num_classes),
+        )
     stride = 2 if spatial > 4 else 1
     drop = [nn.Dropout(cfg.dropout)] if cfg.dropout > 0 else []
-    return nn.Sequential(Coarsest(), conv_bn(channels, cfg.hidden, 3, stride),  # (B, hidden, 4, 4) at 32x32
-                         conv_bn(cfg.hidden, cfg.hidden, 3, stride),              # (B, hidden, 2, 2)
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), *drop, nn.Linear(cfg.hidden, num_classes))
+    return nn.Sequential(
+        Coarsest(),
+        conv_bn(channels, cfg.hidden, 3, stride),  # (B, hidden, 4, 4) at 32x32
+        conv_bn(cfg.hidden, cfg.hidden, 3, stride),  # (B, hidden, 2, 2)
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        *drop,
+        nn.Linear(cfg.hidden, num_classes),
+    )
 
 
 @register_architecture
@@ -215,9 +255,13 @@ class EarlyExitMSDNet(EarlyExitNetwork):
         S, total = c.scales, sum(c.steps)
         interval = math.ceil(total / S)  # drop the finest scale every `interval` layers
         first_layer = FirstLayer(c.in_channels, c.channels, S)
-        stages: list[nn.Module] = [nn.Sequential(Normalize(_per_channel(c.mean, c.in_channels),
-                                                           _per_channel(c.std, c.in_channels)), first_layer)]
-        width, first, n = c.channels, 0, 0   # scale-0 channel count, first kept scale, layers so far
+        stages: list[nn.Module] = [
+            nn.Sequential(
+                Normalize(_per_channel(c.mean, c.in_channels), _per_channel(c.std, c.in_channels)),
+                first_layer,
+            )
+        ]
+        width, first, n = c.channels, 0, 0  # scale-0 channel count, first kept scale, layers so far
         channels_after: list[int] = []
         for steps in c.steps:
             layers: list[nn.Module] = []
@@ -236,8 +280,14 @@ class EarlyExitMSDNet(EarlyExitNetwork):
         exit_blocks = list(range(c.blocks - 1)) if c.exits is None else sorted(set(c.exits))
         exit_stages = [b + 1 for b in exit_blocks] + [c.blocks]
         heads = [msdnet_head(c.head, channels_after[s - 1], spatial, c.num_classes) for s in exit_stages]
-        super().__init__(stages, heads, exit_stages, input_shape=(c.in_channels, c.image_size, c.image_size),
-                         num_classes=c.num_classes, learned_exits=c.learned_exits and len(exit_stages) > 1)
+        super().__init__(
+            stages,
+            heads,
+            exit_stages,
+            input_shape=(c.in_channels, c.image_size, c.image_size),
+            num_classes=c.num_classes,
+            learned_exits=c.learned_exits and len(exit_stages) > 1,
+        )
         self.config = config
 
 

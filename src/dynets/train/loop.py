@@ -76,6 +76,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     progress: bool = True
     grad_clip: float | None = None
+    channels_last: bool = False  # NHWC tensors for 4-D inputs: faster convolutions on CPU
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -110,8 +111,9 @@ class TrainConfig:
             raise bad("label_smoothing", "a float in [0, 1)")
         if self.grad_clip is not None and (not is_num(self.grad_clip) or self.grad_clip <= 0):
             raise bad("grad_clip", "None or a float > 0")
-        if not isinstance(self.progress, bool):
-            raise bad("progress", "a bool")
+        for name in ("progress", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "a bool")
         if isinstance(self.exit_weights, str):
             if self.exit_weights not in EXIT_WEIGHT_SCHEMES:
                 raise bad("exit_weights", f"one of {EXIT_WEIGHT_SCHEMES} or a list of floats")
@@ -341,6 +343,8 @@ def _run(model, params, x, y, eval_xy, config, info, resume, stop_after_epoch, l
     else:
         torch.manual_seed(config.seed + info.rank)  # dropout etc.; ranks draw different masks
 
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
     net = wrap_model(model, info)
     loss_fn = loss_fn if loss_fn is not None else partial(_default_loss, config)
     end = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
@@ -403,6 +407,8 @@ def _train_epoch(net, optimizer, scheduler, params, x, y, config, info, epoch, l
             n_batch = min(config.batch_size, n_global - i * config.batch_size)
             offsets, flips = _draw_crop_flip(n_batch, aug_gen, pad=4)
             xb = _apply_crop_flip(xb, offsets[info.rank :: world], flips[info.rank :: world], pad=4)
+        if config.channels_last and xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
         # 4. forward, joint loss, backward (DDP averages gradients), step
         out = net(xb)
         loss = loss_fn(out, yb)

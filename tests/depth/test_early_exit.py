@@ -240,3 +240,28 @@ def test_optimize_for_inference_matches_and_is_inference_only(model, tmp_path):
 
     with pytest.raises(TypeError, match="optimize_for_inference"):
         save(fast, tmp_path / "fast")
+
+
+def test_freeze_backbone_trains_only_the_exits():
+    from dynets.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    kw = dict(widths=(8, 8, 16), blocks=(1, 1, 1))
+    static = create_model("static_resnet", **kw).eval()
+    _randomize_bn(static)
+    ee = create_model("ee_resnet", exits=(0, 1), **kw).freeze_backbone(static)
+    before = {k: v.clone() for k, v in ee.stages.state_dict().items()}
+    heads_before = [h.state_dict()["1.weight"].clone() for h in ee.heads[:-1] if "1.weight" in h.state_dict()]
+
+    class Data:
+        x = torch.rand(64, 3, 32, 32)
+        y = torch.randint(0, 10, (64,))
+
+    train(ee, Data(), TrainConfig(epochs=1, batch_size=32, progress=False))
+    after = ee.stages.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics unchanged
+    assert any(not torch.equal(a, h.state_dict()["1.weight"]) for a, h in zip(heads_before, ee.heads[:-1]))
+    ee.eval()
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ee.all_exit_logits(x)[-1], static.forward_static(x), atol=1e-6)

@@ -221,7 +221,11 @@ class EarlyExitNetwork(nn.Module):
             raise RuntimeError(
                 "this copy was made by optimize_for_inference (BatchNorm folded); train the original"
             )
-        return super().train(mode)
+        super().train(mode)
+        if self.frozen_backbone:  # frozen units keep their BatchNorm statistics
+            self.stages.eval()
+            self.heads[-1].eval()
+        return self
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         if self.inference_only and x.dim() == 4:

@@ -112,6 +112,7 @@ def load(directory: str | os.PathLike, *, map_location: str = "cpu") -> nn.Modul
     meta = read_config(directory)
     arch = meta["architecture"]
     import dynets.models  # noqa: F401  (registers the zoo's architectures)
+    import dynets.text  # noqa: F401  (DynamicBert; transformers itself is imported only when used)
 
     if arch not in _ARCHITECTURES:
         raise ValueError(

@@ -138,6 +138,8 @@ def test_bench_quick_json(tmp_path, capsys):
                 "blocks=[2,2,2]",
                 "--set",
                 "exits=[0,2]",
+                "--set",
+                "stem_stride=1",
             ]
         )
         == 0

@@ -212,7 +212,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     extra = {"epochs": args.epochs} if args.epochs else {}
     if args.limit:
         extra.update(train_limit=args.limit, test_limit=args.limit)
-    cfg = EarlyExitBenchConfig(data=args.data, quick=args.quick, model_kw=_model_kwargs(args.set), **extra)
+    cfg = EarlyExitBenchConfig(
+        data=args.data, quick=args.quick, recipe=args.recipe, model_kw=_model_kwargs(args.set), **extra
+    )
     r = run(cfg, json_path=args.json, out_dir=args.out, progress=not args.no_progress)
     print(json.dumps({k: r[k] if r[k] is None else round(r[k], 4) for k in HEADLINE_KEYS}, indent=2))
     return 0
@@ -308,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", default=None)
     s.add_argument("--out", default=None, help="folder for the Markdown and PNGs (default: beside --json)")
     s.add_argument("--limit", type=int, default=None, help="train and test on at most N samples")
+    s.add_argument(
+        "--recipe",
+        choices=["frozen", "joint"],
+        default="frozen",
+        help="exits trained on the frozen static backbone, or jointly from scratch",
+    )
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override (JSON value)")
     s.set_defaults(fn=cmd_bench)
 

@@ -116,14 +116,15 @@ def run(
     tc_key = {k: v for k, v in tc.items() if k != "progress"}
     base = [cfg.data, cfg.train_limit, cfg.seed, kw, tc_key]
     cache = cache_dir() / "bench"
+    name = f"early_exit_{cfg.data}"  # not the JSON name: runs writing elsewhere share trained models
     static = _trained(
-        cache / f"{stem}-static-{_key(base)}", "static_resnet", kw, train_set, TrainConfig(**tc), cfg.seed
+        cache / f"{name}-static-{_key(base)}", "static_resnet", kw, train_set, TrainConfig(**tc), cfg.seed
     )
     if cfg.recipe == "joint":
-        ee_path = cache / f"{stem}-joint-{_key(base + [cfg.distill])}"
+        ee_path = cache / f"{name}-joint-{_key(base + [cfg.distill])}"
         dyn = _trained(ee_path, "ee_resnet", kw, train_set, TrainConfig(**tc, distill=cfg.distill), cfg.seed)
     elif cfg.recipe == "frozen":
-        ee_path = cache / f"{stem}-frozen-{_key(base + [cfg.distill, cfg.head_epochs])}"
+        ee_path = cache / f"{name}-frozen-{_key(base + [cfg.distill, cfg.head_epochs])}"
         head_tc = TrainConfig(**{**tc, "epochs": cfg.head_epochs}, distill=cfg.distill)
         dyn = _trained(ee_path, "ee_resnet", kw, train_set, head_tc, cfg.seed, backbone=static)
     else:

@@ -18,15 +18,23 @@ class DynamicOutput:
     """Result of a dynamic forward pass.
 
     logits:      (B, C) in the order of the input batch.
-    exit_index:  (B,) int64, which exit (decision point) produced each sample's logits.
+    exit_index:  (B,) int64, which exit (decision point) produced each sample's logits; None for
+                 models without exits (block skipping, experts, token pruning, ...).
     flops:       (B,) float64, FLOPs actually spent on each sample (sum of the units it ran).
     record:      optional per-sample detail (e.g. the scores seen at each exit); None unless asked.
+    decisions:   per-sample decisions by name, each a tensor whose first dimension is B, e.g.
+                 {"blocks_run": (B, n_blocks) bool, "width": (B,), "expert": (B, T, k) int64}.
     """
 
     logits: torch.Tensor
-    exit_index: torch.Tensor
-    flops: torch.Tensor
+    exit_index: torch.Tensor | None = None
+    flops: torch.Tensor | None = None
     record: dict[str, Any] | None = None
+    decisions: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.flops is None:
+            raise TypeError("DynamicOutput: expected per-sample `flops` (a (B,) tensor), got None")
 
     @property
     def prediction(self) -> torch.Tensor:
@@ -40,7 +48,9 @@ class DynamicOutput:
 class MultiExitOutput:
     """Training-mode output: the logits of every exit, shallowest first, each (B, C).
 
-    `aux` carries optional extra tensors (e.g. learned-exit scores) keyed by name.
+    `aux` carries optional extra tensors (e.g. learned-exit scores) keyed by name. A scalar
+    `aux["loss"]` (a budget, load-balancing or z-loss term the model computed) is added to the
+    task loss by the default training loss; a static or single-exit model passes `[logits]`.
     """
 
     exit_logits: list[torch.Tensor]

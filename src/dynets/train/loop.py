@@ -207,7 +207,7 @@ def _exit_logits(out: Any) -> list[torch.Tensor]:
 
 
 def _default_loss(config: TrainConfig, out: Any, target: torch.Tensor) -> torch.Tensor:
-    return multi_exit_loss(
+    loss = multi_exit_loss(
         _exit_logits(out),
         target,
         weights=config.exit_weights,
@@ -215,6 +215,8 @@ def _default_loss(config: TrainConfig, out: Any, target: torch.Tensor) -> torch.
         temperature=config.temperature,
         label_smoothing=config.label_smoothing,
     )
+    extra = getattr(out, "aux", {}).get("loss") if not isinstance(out, torch.Tensor) else None
+    return loss if extra is None else loss + extra
 
 
 # -------------------------------------------------------------------- optimiser, schedule, checkpoint

@@ -1,0 +1,2 @@
+"""Dynamic parameters: conditional (per-sample mixture) convolution and hypernetwork layers.
+Import the submodules directly."""

@@ -22,6 +22,11 @@ EarlyExitNetwork does:
 
 A sample's FLOPs are measured costs at its own unpadded length: the embeddings, every layer it
 ran and every exit head it passed.
+
+Width and depth (DynaBERT, `dynabert.py`) are run-time settings: `set_subnet(width, depth)` keeps
+the layers of an even depth schedule, each run on the first heads and FFN neurons of its weights
+(slices, not masks); exit k is then the exit after the k-th kept layer, and `num_exits`, every
+forward path and every cost follow the current sub-network. Width 1 runs the HF layers themselves.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ from dynets.core.outputs import DynamicOutput, MultiExitOutput
 from dynets.core.serialization import register_architecture
 from dynets.depth.early_exit import ExitPredictor
 from dynets.policies.exit_policies import ConfidencePolicy, ExitPolicy, ThresholdPolicy
-from dynets.text.bert_costs import LengthCost, measure_units
+from dynets.text.bert_costs import LengthCost, fit_layer_cost, measure_units
+from dynets.text.dynabert import check_depth, check_width, kept_layers, narrow_layer, subnet_sizes
 from dynets.text.hf import (
     attention_mask,
     check_bert_like,
@@ -66,6 +72,9 @@ class DynamicBertConfig:
     pad_token_id: int = 0
     exit_dropout: float = 0.1
     learned_exits: bool = True
+    width: float = 1.0  # the current sub-network (DynaBERT), set with DynamicBert.set_subnet
+    depth: float = 1.0
+    rewired: bool = False  # heads and neurons permuted by importance (dynabert.rewire)
 
     def __post_init__(self) -> None:
         if not isinstance(self.encoder, dict) or "hidden_size" not in self.encoder:
@@ -92,6 +101,7 @@ class DynamicBertConfig:
             raise ValueError(
                 f"DynamicBertConfig.exit_dropout: expected a float in [0, 1), got {self.exit_dropout}"
             )
+        self.width, self.depth = check_width(self.width), check_depth(self.depth)
 
 
 class ExitHead(nn.Module):
@@ -137,6 +147,34 @@ class DynamicBert(nn.Module):
         for p in self.exit_predictors.parameters():  # fitted afterwards (fit_learned_exits), never by train()
             p.requires_grad_(False)
         self.policy: ExitPolicy = policy if policy is not None else ConfidencePolicy(0.9)
+        self.set_subnet(config.width, config.depth)
+
+    # ------------------------------------------------------------------ width and depth (DynaBERT)
+    def set_subnet(self, width: float = 1.0, depth: float = 1.0) -> DynamicBert:
+        """Run the sub-network of this width (one of dynabert.WIDTHS) and depth (in (0, 1]) from now
+        on; (1.0, 1.0) is the original model. Stored in the config, so it survives save/load."""
+        width, depth = check_width(width), check_depth(depth)
+        heads, neurons = subnet_sizes(self.layers[0], width) if width < 1.0 else (None, None)
+        self._kept = kept_layers(len(self.layers), depth)
+        self._heads, self._neurons = heads, neurons
+        self.config.width, self.config.depth = width, depth
+        return self
+
+    @property
+    def subnet(self) -> tuple[float, float]:
+        """The current (width, depth)."""
+        return self.config.width, self.config.depth
+
+    @property
+    def active_layers(self) -> list[int]:
+        """Indices of the layers the current depth keeps; exit k follows layer active_layers[k]."""
+        return list(self._kept)
+
+    def _layer(self, i: int, h: torch.Tensor, mask: Any) -> torch.Tensor:
+        """Layer i at the current width: the HF layer itself at width 1, else its sliced weights."""
+        if self._heads is None:
+            return self.layers[i](h, mask)
+        return narrow_layer(self.layers[i], h, mask, self._heads, self._neurons)
 
     # ------------------------------------------------------------------ construction and save/load
     @classmethod
@@ -213,7 +251,8 @@ class DynamicBert(nn.Module):
     # ------------------------------------------------------------------ inputs and masks
     @property
     def num_exits(self) -> int:
-        return len(self.layers)
+        """Exits of the current sub-network (one per kept layer; all layers at depth 1)."""
+        return len(self._kept)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Token ids (B, L) int64 within the vocabulary; fails early naming expected and given."""
@@ -273,11 +312,32 @@ class DynamicBert(nn.Module):
             )
         return self.__dict__["_units"]
 
+    def layer_cost(self, width: float | None = None) -> LengthCost:
+        """Measured FLOPs of one layer at `width` (default: the current one), as a function of L.
+        Narrow layers are measured through the same sliced forward, with attention spelled out."""
+        width = self.config.width if width is None else check_width(width)
+        if width == 1.0:
+            return self.unit_costs()["layer"]
+        cache = self.__dict__.setdefault("_layer_costs", {})
+        if width not in cache:
+            layer, (heads, neurons) = self.layers[0], subnet_sizes(self.layers[0], width)
+            was_training = layer.training
+            layer.eval()
+            try:
+                cache[width] = fit_layer_cost(
+                    lambda h: narrow_layer(layer, h, None, heads, neurons, eager=True),
+                    int(self.config.encoder["hidden_size"]),
+                    layer.output.dense.weight.device,
+                )
+            finally:
+                layer.train(was_training)
+        return cache[width]
+
     def exit_costs(self, lengths: torch.Tensor, learned: bool = False) -> torch.Tensor:
-        """(B, K) float64: FLOPs sample b spends if it leaves at exit k (its own length)."""
+        """(B, K) float64: FLOPs sample b spends if it leaves at exit k of the current sub-network."""
         u, K, lengths = self.unit_costs(), self.num_exits, lengths.cpu()
         n = torch.arange(1, K + 1, dtype=torch.float64)  # layers and heads run up to exit k
-        per = u["layer"](lengths)[:, None] + u["head"](lengths)[:, None]  # (B, 1)
+        per = self.layer_cost()(lengths)[:, None] + u["head"](lengths)[:, None]  # (B, 1)
         cost = u["embeddings"](lengths)[:, None] + n * per  # (B, K)
         if learned and len(self.exit_predictors):
             cost = cost + n.clamp(max=K - 1) * float(u["predictor"])
@@ -291,10 +351,10 @@ class DynamicBert(nn.Module):
         return costs.gather(1, exit_index.cpu()[:, None]).squeeze(1).to(exit_index.device)
 
     def full_cost(self, lengths: torch.Tensor) -> torch.Tensor:
-        """(B,) float64 FLOPs of the static path: every layer plus the final head only."""
+        """(B,) float64 FLOPs of the static path of the current sub-network: its layers, last head only."""
         u = self.unit_costs()
         lengths = lengths.cpu()
-        return u["embeddings"](lengths) + self.num_exits * u["layer"](lengths) + u["head"](lengths)
+        return u["embeddings"](lengths) + self.num_exits * self.layer_cost()(lengths) + u["head"](lengths)
 
     # ------------------------------------------------------------------ forward paths
     def forward(
@@ -308,24 +368,32 @@ class DynamicBert(nn.Module):
 
     def all_exit_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every exit's (B, C) logits for every sentence: the static reference and the training path."""
+        return self.exits_and_hidden(x)[0]
+
+    def exits_and_hidden(
+        self, x: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Every exit's logits (B, C), the hidden states (B, L', H) after each kept layer, and the
+        validity mask (B, L') of the trimmed batch: what distillation needs."""
         x, valid, _ = self._prepare(x)
         if x.shape[0] == 0:
-            return [self._empty_logits() for _ in self.heads]
+            return [self._empty_logits() for _ in self._kept], [], valid
         h = self.embeddings(input_ids=x)  # (B, L, H)
         mask = self._mask(valid, h)
-        outs = []
-        for layer, head in zip(self.layers, self.heads):
-            h = layer(h, mask)  # (B, L, H)
-            outs.append(head(h))  # (B, C)
-        return outs
+        outs, hidden = [], []
+        for i in self._kept:
+            h = self._layer(i, h, mask)  # (B, L, H)
+            hidden.append(h)
+            outs.append(self.heads[i](h))  # (B, C)
+        return outs, hidden, valid
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last layer's hidden states (B, L', H), L' = the longest sentence (batch trimmed)."""
+        """The last kept layer's hidden states (B, L', H), L' = the longest sentence (batch trimmed)."""
         x, valid, _ = self._prepare(x)
         h = self.embeddings(input_ids=x)  # (B, L', H)
         mask = self._mask(valid, h) if x.shape[0] else None
-        for layer in self.layers:
-            h = layer(h, mask)
+        for i in self._kept:
+            h = self._layer(i, h, mask)
         return h
 
     def forward_static(self, x: torch.Tensor) -> torch.Tensor:
@@ -333,13 +401,14 @@ class DynamicBert(nn.Module):
         self.check_input(x)
         if x.shape[0] == 0:
             return self._empty_logits()
-        return self.heads[-1](self.forward_features(x))
+        return self.heads[self._kept[-1]](self.forward_features(x))
 
     def learned_scores(self, exit_logits: Sequence[torch.Tensor]) -> torch.Tensor:
         """(B, K-1) learned-exit scores (P(this exit is already right)) from the non-final exits' logits."""
         if not len(self.exit_predictors):
             raise ValueError("this model was built without learned exits (learned_exits=False)")
-        return torch.stack([p(lg) for p, lg in zip(self.exit_predictors, exit_logits)], dim=1)
+        preds = [self.exit_predictors[i] for i in self._kept[:-1]]  # shared by every width
+        return torch.stack([p(lg) for p, lg in zip(preds, exit_logits)], dim=1)
 
     def _empty_logits(self) -> torch.Tensor:
         return self.heads[0].classifier.weight.new_zeros(0, self.config.num_labels)
@@ -352,7 +421,10 @@ class DynamicBert(nn.Module):
         B = x.shape[0]
         if B == 0:
             return DynamicOutput(
-                self._empty_logits(), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+                self._empty_logits(),
+                torch.zeros(0, dtype=torch.long),
+                torch.zeros(0, dtype=torch.float64),
+                decisions={"exit_layer": torch.zeros(0, dtype=torch.long)},
             )
         if B == 1 and not record:
             return self._run_single(x, valid, lengths, policy)
@@ -365,14 +437,14 @@ class DynamicBert(nn.Module):
         state = policy.init_state(B, x.device)
         h = self.embeddings(input_ids=x)  # (B, L, H)
         mask = self._mask(valid, h)
-        for k, (layer, head) in enumerate(zip(self.layers, self.heads)):
-            h = layer(h, mask)  # 1. (B_active, L_active, H)
-            logits = head(h)  # 2. (B_active, C)
+        for k, i in enumerate(self._kept):
+            h = self._layer(i, h, mask)  # 1. (B_active, L_active, H)
+            logits = self.heads[i](h)  # 2. (B_active, C)
             if k == K - 1:
                 out.index_copy_(0, idx, logits)
                 exit_index.index_fill_(0, idx, k)
                 break
-            learned = self.exit_predictors[k](logits) if policy.needs_learned else None
+            learned = self.exit_predictors[i](logits) if policy.needs_learned else None
             stop, state = policy.step(k, logits, state, learned)
             if scores is not None and isinstance(policy, ThresholdPolicy):
                 scores[idx.cpu(), k] = policy.score(logits, learned).float().cpu()
@@ -396,7 +468,11 @@ class DynamicBert(nn.Module):
             mask = self._mask(valid, h)
         flops = self.sample_flops(lengths, exit_index, learned=policy.needs_learned)
         rec = {"scores": scores, "lengths": lengths.cpu()} if record else None
-        return DynamicOutput(out, exit_index, flops, rec)
+        return DynamicOutput(out, exit_index, flops, rec, self._decisions(exit_index))
+
+    def _decisions(self, exit_index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """exit_layer: the (0-based) encoder layer after which each sample left."""
+        return {"exit_layer": torch.tensor(self._kept, device=exit_index.device)[exit_index]}
 
     def _run_single(
         self, x: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor, policy: ExitPolicy
@@ -406,16 +482,15 @@ class DynamicBert(nn.Module):
         h = self.embeddings(input_ids=x)  # (1, L, H)
         mask = self._mask(valid, h)  # None unless a pad id sits inside the sentence
         K = self.num_exits
-        for k, (layer, head) in enumerate(zip(self.layers, self.heads)):
-            h = layer(h, mask)
-            logits = head(h)  # (1, C)
+        for k, i in enumerate(self._kept):
+            h = self._layer(i, h, mask)
+            logits = self.heads[i](h)  # (1, C)
             if k < K - 1:
-                learned = self.exit_predictors[k](logits) if policy.needs_learned else None
+                learned = self.exit_predictors[i](logits) if policy.needs_learned else None
                 stop, state = policy.step(k, logits, state, learned)
                 if not bool(stop[0]):
                     continue
             exit_index = torch.tensor([k], device=x.device)
-            return DynamicOutput(
-                logits, exit_index, self.sample_flops(lengths, exit_index, policy.needs_learned)
-            )
+            flops = self.sample_flops(lengths, exit_index, policy.needs_learned)
+            return DynamicOutput(logits, exit_index, flops, None, self._decisions(exit_index))
         raise RuntimeError("unreachable: the last exit always stops")

@@ -11,6 +11,8 @@ CUDA flash / memory-efficient SDPA kernels but not for the CPU kernel
 (`_scaled_dot_product_flash_attention_for_cpu`), so on CPU the L^2 term would silently count 0.
 The eager path computes the same two matmuls (Q K^T and P V), which the counter does count, so
 the layer is measured on a copy whose config says "eager" (the live model is left untouched).
+DynaBERT's narrow layers (`dynabert.narrow_layer`) are measured the same way through their own
+`eager=True` path (`fit_layer_cost`), one fit per width.
 """
 
 from __future__ import annotations
@@ -74,6 +76,14 @@ def fit_length_cost(
                 f"L={check}, but the counter measured {want}; the unit's cost is not quadratic in L"
             )
     return fit
+
+
+def fit_layer_cost(
+    layer: Callable[[torch.Tensor], torch.Tensor], hidden_size: int, device: torch.device | str = "cpu"
+) -> LengthCost:
+    """The length cost of a layer given as a function of hidden states (1, L, H) alone, e.g. a
+    DynaBERT narrow layer; its attention must be countable (eager matmuls, not CPU SDPA)."""
+    return fit_length_cost(lambda L: measure_flops(layer, torch.zeros(1, L, hidden_size, device=device)))
 
 
 def eager_copy(layer: nn.Module) -> nn.Module:

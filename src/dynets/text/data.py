@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TextDataset", "TextTable", "encode_table", "load_text_table"]
+__all__ = ["TextDataset", "TextTable", "encode_table", "length_batches", "load_text_table"]
 
 
 @dataclass
@@ -146,3 +146,23 @@ def encode_table(model: Any, table: TextTable) -> TextDataset:
         raise ValueError(f"table labels {unknown} are not among the model's labels {classes}")
     y = torch.tensor([index[n] for n in table.labels], dtype=torch.long)
     return TextDataset(x=model.encode(table.texts), y=y, classes=classes)
+
+
+def length_batches(
+    x: torch.Tensor, batch_size: int, *, pad_token_id: int = 0, sort: bool = True
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Cut token ids x (N, L) into batches: [(indices (b,), ids (b, L_b))], each trimmed to its own
+    longest sentence. sort=True groups sentences of similar length (longest first), so a batch
+    pads little; `indices` map each row back to its position in x.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    if x.dim() != 2:
+        raise ValueError(f"x: expected token ids of shape (N, L), got {tuple(x.shape)}")
+    pos = torch.arange(1, x.shape[1] + 1)
+    lengths = ((x != pad_token_id) * pos).amax(dim=1).clamp(min=1) if x.shape[1] else x.new_ones(x.shape[0])
+    order = torch.argsort(lengths, descending=True, stable=True) if sort else torch.arange(x.shape[0])
+    out = []
+    for idx in order.split(batch_size):
+        out.append((idx, x.index_select(0, idx)[:, : int(lengths[idx].max())]))
+    return out

@@ -99,6 +99,32 @@ def test_dynamic_equals_all_exits_reference(model, kind, seed):
         assert out.exit_index.unique().numel() >= 2
 
 
+@pytest.mark.parametrize("kind", ["confidence", "patience"])
+@pytest.mark.parametrize("batch_size", [1, 7, 16])
+def test_pooled_throughput_mode_equals_reference(model, kind, batch_size):
+    """Survivors pooled across batches: the same exits as the per-sample loop, the logits of the
+    all-exits reference, input order, exact FLOPs; and stages really run on pooled batches."""
+    x = torch.rand(45, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    policy = _quantile_policy(model, x) if kind == "confidence" else PatiencePolicy(1)
+    seen: list[int] = []
+    hook = model.stages[-1].register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    try:
+        out = model.run_pooled(x, batch_size, policy=policy)
+    finally:
+        hook.remove()
+    assert torch.equal(out.exit_index, _reference_exits(model, x, policy))
+    assert torch.allclose(out.logits, _reference(model, x, out.exit_index), atol=1e-5)
+    assert torch.equal(out.flops, model.exit_costs()[out.exit_index])
+    n_last = int((out.exit_index == model.num_exits - 1).sum())
+    assert sum(seen) == n_last  # the last stage ran exactly on the samples that reached it
+    if batch_size > 1 and n_last >= 2 * batch_size:  # pooled: fewer, fuller batches than per-batch runs
+        assert len(seen) <= -(-n_last // batch_size) + 1
+    empty = model.run_pooled(x[:0], batch_size, policy=policy)
+    assert empty.logits.shape == (0, 10) and empty.flops.numel() == 0
+    with pytest.raises(ValueError, match="batch_size"):
+        model.run_pooled(x, 0, policy=policy)
+
+
 def test_results_follow_input_order(model):
     x = torch.rand(24, 3, 32, 32)
     policy = _quantile_policy(model, x)

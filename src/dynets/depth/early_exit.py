@@ -43,6 +43,18 @@ def index_select_tree(h: Features, index: torch.Tensor) -> Features:
     )
 
 
+def cat_tree(parts: Sequence[Features]) -> Features:
+    """torch.cat along dim 0 through tensors nested in lists / tuples / dicts (same structure)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return parts[0] if len(parts) == 1 else torch.cat(list(parts))
+    if isinstance(first, (list, tuple)):
+        return type(first)(cat_tree([p[i] for p in parts]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: cat_tree([p[k] for p in parts]) for k in first}
+    raise TypeError(f"cannot concatenate features of type {type(first).__name__}")
+
+
 def _first_tensor(h: Features) -> torch.Tensor:
     while not isinstance(h, torch.Tensor):
         h = h[0] if isinstance(h, (list, tuple)) else next(iter(h.values()))
@@ -192,6 +204,16 @@ class EarlyExitNetwork(nn.Module):
         self.frozen_backbone = True
         return self.train(self.training)
 
+    def unfreeze_backbone(self) -> EarlyExitNetwork:
+        """Undo `freeze_backbone`: every parameter trains again (SDN-style fine-tuning of the whole
+        network once its exits have been trained on the frozen backbone)."""
+        for p in self.parameters():
+            p.requires_grad_(True)
+        for p in self.exit_predictors.parameters():  # learned exits are fitted afterwards
+            p.requires_grad_(False)
+        self.frozen_backbone = False
+        return self.train(self.training)
+
     # ---------------------------------------------------------------- inference optimisation
     inference_only: bool = False
 
@@ -312,6 +334,76 @@ class EarlyExitNetwork(nn.Module):
         flops = costs.to(exit_index.device)[exit_index]
         rec = {"scores": scores, "exit_costs": costs} if record else None
         return DynamicOutput(out, exit_index, flops, rec)
+
+    @torch.no_grad()
+    def run_pooled(self, x: torch.Tensor, batch_size: int, policy: ExitPolicy | None = None) -> DynamicOutput:
+        """Throughput mode over many batches: `x` is fed in batches of `batch_size`, and the
+        survivors of consecutive batches are pooled before each later stage, so every stage runs on
+        full batches (whole pending chunks are taken, so a batch may run somewhat over `batch_size`)
+        instead of ever smaller ones (the remainders are flushed at the end). Same
+        decisions, logits (up to float rounding), exits and FLOPs as `run_dynamic` on each batch;
+        results in input order. A sample may wait for others before its later stages run, so use
+        this for offline / server-side throughput, and `forward` for the latency of one batch."""
+        self.check_input(x)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+        policy = policy if policy is not None else self.policy
+        if policy.needs_learned and not len(self.exit_predictors):
+            raise ValueError(f"policy {policy.kind!r} needs learned exits, but this model has none")
+        N, K = x.shape[0], self.num_exits
+        costs = self.exit_costs(learned=policy.needs_learned)
+        exit_index = torch.empty(N, dtype=torch.long, device=x.device)
+        out = x.new_empty(N, self.num_classes)
+        # queues[k]: pending (features, input positions, policy state) waiting for exit k's stages
+        queues: list[list[tuple[Features, torch.Tensor, dict]]] = [[] for _ in range(K)]
+        counts = [0] * K
+        first_stage = [0] + [s + 1 for s in self.exit_stages[:-1]]
+
+        def run_level(k: int, flush: bool) -> None:
+            while counts[k] >= batch_size or (flush and counts[k] > 0):
+                parts, n = [], 0
+                while queues[k] and n < batch_size:
+                    parts.append(queues[k].pop(0))
+                    n += int(parts[-1][1].numel())
+                h = cat_tree([p[0] for p in parts])
+                idx = torch.cat([p[1] for p in parts])
+                state = {name: torch.cat([p[2][name] for p in parts]) for name in parts[0][2]}
+                counts[k] -= n
+                for s in range(first_stage[k], self.exit_stages[k] + 1):
+                    h = self.stages[s](h)
+                logits = self.heads[k](h)
+                if k == K - 1:
+                    out.index_copy_(0, idx, logits)
+                    exit_index.index_fill_(0, idx, k)
+                    continue
+                learned = self.exit_predictors[k](logits) if policy.needs_learned else None
+                stop, state = policy.step(k, logits, state, learned)
+                gone, keep = stop.nonzero().squeeze(1), (~stop).nonzero().squeeze(1)
+                if gone.numel():
+                    out.index_copy_(0, idx[gone], logits.index_select(0, gone))
+                    exit_index.index_fill_(0, idx[gone], k)
+                if keep.numel():
+                    queues[k + 1].append(
+                        (
+                            index_select_tree(h, keep),
+                            idx.index_select(0, keep),
+                            {name: v.index_select(0, keep) for name, v in state.items()},
+                        )
+                    )
+                    counts[k + 1] += int(keep.numel())
+
+        positions = torch.arange(N, device=x.device)
+        for start in range(0, N, batch_size):
+            xb = self._prepare(x[start : start + batch_size])
+            queues[0].append(
+                (xb, positions[start : start + batch_size], policy.init_state(xb.shape[0], x.device))
+            )
+            counts[0] += xb.shape[0]
+            for k in range(K):
+                run_level(k, flush=False)
+        for k in range(K):
+            run_level(k, flush=True)
+        return DynamicOutput(out, exit_index, costs.to(exit_index.device)[exit_index])
 
     def _run_single(self, x: torch.Tensor, policy: ExitPolicy, costs: torch.Tensor) -> DynamicOutput:
         """Batch size 1: stop at the first exit the policy accepts, with no compaction at all."""

@@ -1,6 +1,9 @@
 """The model zoo: one file per family, each builder registered by name."""
 
 from dynets.models import (
+    dynamic_params,  # noqa: F401
+    moe_transformer,  # noqa: F401
     msdnet,  # noqa: F401
     resnet,  # noqa: F401
+    routing,  # noqa: F401
 )

@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# The exact pin takes the offline CPU wheel; a looser spec would pull GBs of CUDA packages.
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e ".[dev,text]"
+	$(BIN)/pip install -e ".[dev,text,serve,export]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,0 +1,210 @@
+"""A small runtime for exported early-exit models: one graph per stage and per exit head, the
+policy applied between them in NumPy, with compaction.
+
+This file imports neither torch nor dynets (torch only for the `torch` backend, lazily), and the
+exporter copies it into every exported directory as `dynets_runtime.py`, so an ONNX export runs
+anywhere NumPy and onnxruntime do:
+
+    from dynets_runtime import StagedRuntime
+    rt = StagedRuntime("exported/")
+    out = rt.run(x)            # x: (B, C, H, W) float32; out["logits"], out["exit_index"], out["flops"]
+
+Per batch, as the eager model does:
+  1. run the block's stage graphs on the rows still active        h: list of (B_active, ...)
+  2. run the exit head graph: logits (and the learned-exit score)  (B_active, C)
+  3. the policy says who stops; their logits go to their input positions
+  4. compact: keep only the survivors' rows of h and of the policy state
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+
+
+# ---------------------------------------------------------------------- policies, in NumPy
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float32) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class NumpyPolicy:
+    """The dynets exit policies (confidence, entropy, learned, patience, never) over NumPy arrays,
+    built from `ExitPolicy.to_dict()` output."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.kind = spec.get("kind")
+        if self.kind not in ("confidence", "entropy", "learned", "patience", "never"):
+            raise ValueError(
+                f"policy kind: expected confidence, entropy, learned, patience or never, got {self.kind!r}"
+            )
+        t = spec.get("threshold", 0.9)
+        self.thresholds = [float(v) for v in (t if isinstance(t, list) else [t])]
+        self.patience = int(spec.get("patience", 2))
+        self.needs_learned = self.kind == "learned"
+
+    def threshold_at(self, k: int) -> float:
+        return self.thresholds[0] if len(self.thresholds) == 1 else self.thresholds[k]
+
+    def init_state(self, n: int) -> dict[str, np.ndarray]:
+        if self.kind == "patience":
+            return {"prev": np.full(n, -1, dtype=np.int64), "count": np.zeros(n, dtype=np.int64)}
+        return {}
+
+    def step(
+        self, k: int, logits: np.ndarray, state: dict, learned: np.ndarray | None
+    ) -> tuple[np.ndarray, dict]:
+        if self.kind == "confidence":
+            return _softmax(logits).max(-1) >= self.threshold_at(k), state
+        if self.kind == "entropy":
+            p = _softmax(logits)
+            h = -(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)).sum(-1)
+            return h <= self.threshold_at(k) * math.log(max(logits.shape[-1], 2)), state
+        if self.kind == "learned":
+            if learned is None:
+                raise ValueError("learned policy: this export has no learned-exit scores")
+            return learned >= self.threshold_at(k), state
+        if self.kind == "patience":
+            pred = logits.argmax(-1)
+            count = np.where(pred == state["prev"], state["count"] + 1, 0)
+            return count >= self.patience, {"prev": pred, "count": count}
+        return np.zeros(logits.shape[0], dtype=bool), state
+
+
+# ---------------------------------------------------------------------- backends
+class _OnnxGraphs:
+    def __init__(self, directory: Path, threads: int, providers: list[str] | None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ImportError(f"the ONNX runtime needs onnxruntime ({e}): pip install onnxruntime") from e
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        self.ort, self.opts, self.dir = ort, opts, directory
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.sessions: dict[str, Any] = {}
+
+    def load(self, name: str, file: str) -> None:
+        sess = self.ort.InferenceSession(str(self.dir / file), self.opts, providers=self.providers)
+        self.sessions[name] = (sess, [i.name for i in sess.get_inputs()])
+
+    def run(self, name: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        sess, names = self.sessions[name]  # inputs are named in0, in1, ...; unused ones were pruned
+        return sess.run(None, {n: inputs[int(n[2:])] for n in names})
+
+
+class _TorchGraphs:
+    def __init__(self, directory: Path, threads: int) -> None:
+        import torch
+
+        self.torch, self.dir = torch, directory
+        torch.set_num_threads(threads)
+        self.modules: dict[str, Any] = {}
+
+    def load(self, name: str, file: str) -> None:
+        self.modules[name] = self.torch.export.load(str(self.dir / file)).module()
+
+    def run(self, name: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        torch = self.torch
+        with torch.inference_mode():
+            outs = self.modules[name](*[torch.from_numpy(np.ascontiguousarray(a)) for a in inputs])
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        return [o.numpy() for o in outs]
+
+
+# ---------------------------------------------------------------------- the runtime
+class StagedRuntime:
+    """Runs an exported early-exit model dynamically; `policy` (a dict, or None for the policy
+    saved at export) may be changed per call."""
+
+    def __init__(
+        self, directory: str | Path, *, threads: int = 1, providers: list[str] | None = None
+    ) -> None:
+        self.dir = Path(directory)
+        path = self.dir / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: expected a directory written by `dynets export`")
+        self.manifest = m = json.loads(path.read_text())
+        self.format = m["format"]
+        if self.format == "onnx":
+            self.graphs: Any = _OnnxGraphs(self.dir, threads, providers)
+        elif self.format == "torch":
+            self.graphs = _TorchGraphs(self.dir, threads)
+        else:
+            raise ValueError(f"{path}: format {self.format!r} is not 'onnx' or 'torch'")
+        for name, unit in m["units"].items():
+            self.graphs.load(name, unit["file"])
+        self.blocks = m["blocks"]
+        self.exit_costs = np.asarray(m["exit_costs"], dtype=np.float64)
+        self.exit_costs_learned = np.asarray(m["exit_costs_learned"], dtype=np.float64)
+        self.input_shape = tuple(m["input_shape"])
+        self.num_classes = int(m["num_classes"])
+        self.policy = NumpyPolicy(m["policy"])
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.blocks)
+
+    def run(self, x: np.ndarray, policy: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """logits (B, C) in input order, exit_index (B,), flops (B,) for a batch x (B, *input_shape)."""
+        pol = self.policy if policy is None else NumpyPolicy(policy)
+        x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+        if tuple(x.shape[1:]) != self.input_shape or x.ndim != len(self.input_shape) + 1:
+            raise ValueError(
+                f"input: expected shape (B, {', '.join(map(str, self.input_shape))}), got {x.shape}"
+            )
+        if not np.isfinite(x).all():
+            raise ValueError("input: expected finite values, got NaN or inf")
+        if pol.needs_learned and not all(b["learned"] for b in self.blocks[:-1]):
+            raise ValueError("policy 'learned' needs learned-exit scores, but this export has none")
+        B, K = x.shape[0], self.num_exits
+        out = np.zeros((B, self.num_classes), dtype=np.float32)
+        exit_index = np.full(B, K - 1, dtype=np.int64)
+        costs = self.exit_costs_learned if pol.needs_learned else self.exit_costs
+        if B == 0:
+            return {"logits": out, "exit_index": exit_index, "flops": costs[exit_index]}
+        idx = np.arange(B)  # input positions of the active rows
+        state = pol.init_state(B)
+        h = [x]
+        for k, block in enumerate(self.blocks):
+            for unit in block["units"]:  # 1. the stages, active rows only
+                h = self.graphs.run(unit, h)
+            head_out = self.graphs.run(block["head"], h)  # 2. logits (and learned score)
+            logits = head_out[0]
+            if k == K - 1:
+                out[idx] = logits
+                exit_index[idx] = k
+                break
+            learned = head_out[1] if (pol.needs_learned and len(head_out) > 1) else None
+            stop, state = pol.step(k, logits, state, learned)  # 3. who stops here
+            if stop.any():
+                out[idx[stop]] = logits[stop]
+                exit_index[idx[stop]] = k
+                if stop.all():
+                    break
+                keep = ~stop  # 4. compaction
+                idx = idx[keep]
+                h = [np.ascontiguousarray(a[keep]) for a in h]
+                state = {n: v[keep] for n, v in state.items()}
+        return {"logits": out, "exit_index": exit_index, "flops": costs[exit_index]}
+
+
+def main() -> None:  # `python dynets_runtime.py DIR` runs a random batch: a smoke test of an export
+    import sys
+
+    rt = StagedRuntime(sys.argv[1])
+    x = np.random.default_rng(0).random((4, *rt.input_shape), dtype=np.float32)
+    r = rt.run(x)
+    print("exit_index", r["exit_index"].tolist(), "flops", r["flops"].tolist())
+
+
+if __name__ == "__main__":
+    main()

@@ -6,4 +6,6 @@ from dynets.models import (
     msdnet,  # noqa: F401
     resnet,  # noqa: F401
     routing,  # noqa: F401
+    skipnet,  # noqa: F401
+    slimmable,  # noqa: F401
 )

@@ -8,4 +8,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
-.venv/bin/python -m dynets.bench.moe --threads 2 --json benchmarks/results/moe_capacity.json "$@"
+.venv/bin/dynets bench moe --threads 2 --json benchmarks/results/moe.json "$@"

@@ -423,3 +423,24 @@ def test_joint_training_on_sst2_lowers_the_loss(minilm, require_shared):
     after = loss()
     print(f"multi-exit loss on 64 training sentences: {before:.4f} -> {after:.4f}")
     assert after < before
+
+
+def test_mean_pooled_exits_match_reference_and_an_independent_mean(tiny_dir, batch):
+    """exit_pooling="mean": early exits average the valid tokens (padding excluded, also after the
+    batch is compacted and re-trimmed); the last exit stays [CLS]; dynamic = all-exits reference."""
+    model = make_tiny(tiny_dir, exit_pooling="mean")
+    assert [h.pooling for h in model.heads] == ["mean"] * (len(model.heads) - 1) + ["cls"]
+    ref = reference(model, batch)
+    probe = ConfidencePolicy(0.5)
+    thresholds = [midway(probe.score(ref[k])) for k in range(model.num_exits - 1)]
+    idx = check_against_reference(model, batch, ConfidencePolicy(thresholds), ref)
+    assert len(set(idx.tolist())) >= 2
+    # independent check of exit 0 on one sentence run alone (no padding at all)
+    one = batch[1:2, : int(model.lengths(batch[1:2]))]
+    with torch.no_grad():
+        h = model.embeddings(input_ids=one)
+        h = model._layer(model._kept[0], h, None)
+        want = model.heads[0].classifier(h.mean(1))
+    torch.testing.assert_close(ref[0][1:2], want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="exit_pooling"):
+        make_tiny(tiny_dir, exit_pooling="max")

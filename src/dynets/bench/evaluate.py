@@ -116,3 +116,38 @@ def format_table(rows: list[dict], static: dict | None = None) -> str:
             f"| {r['flops_ratio']:.2f} |"
         )
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def evaluate_dynamic(model: torch.nn.Module, data, *, batch_size: int = 256, progress: bool = False) -> dict:
+    """Any dynamic model (block skipping, widths, experts, routes, tokens, steps): run its eval
+    forward over `data` (an object with .x and .y) at its current run-time setting and report
+    accuracy, mean per-sample FLOPs, the ratio to its static cost where it has one, and the mean of
+    each per-sample decision (the share of blocks run, the mean width, ...)."""
+    model.eval()
+    x, y = data.x, data.y
+    if x.shape[0] == 0:
+        raise ValueError("evaluate_dynamic: expected a non-empty dataset, got 0 samples")
+    correct, flops, n = 0, 0.0, 0
+    decision_sums: dict[str, float] = {}
+    for i in tqdm(range(0, x.shape[0], batch_size), desc="eval", disable=not progress, leave=False):
+        out = model(x[i : i + batch_size])
+        yb = y[i : i + batch_size]
+        correct += int((out.logits.argmax(-1) == yb).sum())
+        flops += float(out.flops.double().sum())
+        n += yb.shape[0]
+        for name, v in (getattr(out, "decisions", None) or {}).items():
+            if isinstance(v, torch.Tensor) and v.numel() and (v.is_floating_point() or v.dtype == torch.bool):
+                decision_sums[name] = decision_sums.get(name, 0.0) + float(v.double().mean()) * yb.shape[0]
+    result = {"samples": n, "accuracy": correct / n, "mean_flops": flops / n}
+    full = getattr(model, "full_cost", None)
+    if callable(full):
+        try:
+            cost = full()
+            cost = cost.double().mean() if isinstance(cost, torch.Tensor) else cost
+            result["full_flops"] = float(cost)
+            result["flops_ratio"] = result["mean_flops"] / result["full_flops"]
+        except TypeError:  # a full cost that needs arguments (e.g. sentence lengths)
+            pass
+    result["decisions_mean"] = {k: v / n for k, v in decision_sums.items()}
+    return result

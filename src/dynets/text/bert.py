@@ -75,6 +75,10 @@ class DynamicBertConfig:
     width: float = 1.0  # the current sub-network (DynaBERT), set with DynamicBert.set_subnet
     depth: float = 1.0
     rewired: bool = False  # heads and neurons permuted by importance (dynabert.rewire)
+    # How the early exits pool a layer's tokens: "cls" (the [CLS] state, as DeeBERT) or "mean" (the
+    # mean of the valid tokens). Mean-pooling sentence encoders such as MiniLM carry little signal
+    # in their early [CLS] states. The last layer's head always uses [CLS], the static classifier.
+    exit_pooling: str = "cls"
 
     def __post_init__(self) -> None:
         if not isinstance(self.encoder, dict) or "hidden_size" not in self.encoder:
@@ -102,18 +106,31 @@ class DynamicBertConfig:
                 f"DynamicBertConfig.exit_dropout: expected a float in [0, 1), got {self.exit_dropout}"
             )
         self.width, self.depth = check_width(self.width), check_depth(self.depth)
+        if self.exit_pooling not in ("cls", "mean"):
+            raise ValueError(
+                f"DynamicBertConfig.exit_pooling: expected 'cls' or 'mean', got {self.exit_pooling!r}"
+            )
 
 
 class ExitHead(nn.Module):
-    """Exit classifier: the [CLS] hidden state -> dropout -> linear."""
+    """Exit classifier: the [CLS] hidden state (or the mean of the valid tokens) -> dropout -> linear."""
 
-    def __init__(self, hidden: int, num_labels: int, dropout: float) -> None:
+    def __init__(self, hidden: int, num_labels: int, dropout: float, pooling: str = "cls") -> None:
         super().__init__()
+        self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden, num_labels)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, L, H) -> (B, C)
-        return self.classifier(self.dropout(h[:, 0]))
+    def forward(self, h: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        # h: (B, L, H), valid: (B, L) bool or None (every token valid) -> (B, C)
+        if self.pooling == "cls":
+            pooled = h[:, 0]
+        elif valid is None:
+            pooled = h.mean(1)
+        else:
+            w = valid.to(h.dtype).unsqueeze(-1)  # (B, L, 1)
+            pooled = (h * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return self.classifier(self.dropout(pooled))
 
 
 @register_architecture
@@ -141,7 +158,11 @@ class DynamicBert(nn.Module):
         H, C = int(config.encoder["hidden_size"]), config.num_labels
         self.vocab_size = int(config.encoder["vocab_size"])
         self.max_positions = int(config.encoder.get("max_position_embeddings", 512))
-        self.heads = nn.ModuleList(ExitHead(H, C, config.exit_dropout) for _ in self.layers)
+        n_layers = len(self.layers)
+        self.heads = nn.ModuleList(
+            ExitHead(H, C, config.exit_dropout, config.exit_pooling if i < n_layers - 1 else "cls")
+            for i in range(n_layers)
+        )
         n_pred = len(self.layers) - 1 if config.learned_exits else 0
         self.exit_predictors = nn.ModuleList(ExitPredictor(C) for _ in range(n_pred))
         for p in self.exit_predictors.parameters():  # fitted afterwards (fit_learned_exits), never by train()
@@ -384,7 +405,7 @@ class DynamicBert(nn.Module):
         for i in self._kept:
             h = self._layer(i, h, mask)  # (B, L, H)
             hidden.append(h)
-            outs.append(self.heads[i](h))  # (B, C)
+            outs.append(self.heads[i](h, valid))  # (B, C)
         return outs, hidden, valid
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -401,7 +422,8 @@ class DynamicBert(nn.Module):
         self.check_input(x)
         if x.shape[0] == 0:
             return self._empty_logits()
-        return self.heads[self._kept[-1]](self.forward_features(x))
+        _, valid, _ = self._prepare(x)
+        return self.heads[self._kept[-1]](self.forward_features(x), valid)
 
     def learned_scores(self, exit_logits: Sequence[torch.Tensor]) -> torch.Tensor:
         """(B, K-1) learned-exit scores (P(this exit is already right)) from the non-final exits' logits."""
@@ -439,7 +461,7 @@ class DynamicBert(nn.Module):
         mask = self._mask(valid, h)
         for k, i in enumerate(self._kept):
             h = self._layer(i, h, mask)  # 1. (B_active, L_active, H)
-            logits = self.heads[i](h)  # 2. (B_active, C)
+            logits = self.heads[i](h, valid)  # 2. (B_active, C)
             if k == K - 1:
                 out.index_copy_(0, idx, logits)
                 exit_index.index_fill_(0, idx, k)
@@ -484,7 +506,7 @@ class DynamicBert(nn.Module):
         K = self.num_exits
         for k, i in enumerate(self._kept):
             h = self._layer(i, h, mask)
-            logits = self.heads[i](h)  # (1, C)
+            logits = self.heads[i](h, valid)  # (1, C)
             if k < K - 1:
                 learned = self.exit_predictors[i](logits) if policy.needs_learned else None
                 stop, state = policy.step(k, logits, state, learned)

@@ -1,0 +1,36 @@
+"""CLI paths shared by every model family: generic eval and the benchmarks with their own options."""
+
+import json
+
+import pytest
+import torch
+
+from dynets import create_model, save
+from dynets.cli import main
+from dynets.cli_bench import EXTERNAL_BENCHES, bench_names
+
+
+def test_eval_of_a_non_exit_model_reports_accuracy_flops_and_decisions(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = create_model("skip_resnet", in_channels=1, image_size=8, num_classes=10).eval()
+    save(model, tmp_path / "m")
+    out_json = tmp_path / "eval.json"
+    argv = ["eval", str(tmp_path / "m"), "--data", "digits", "--limit", "64", "--json", str(out_json)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "MFLOPs" in printed and "blocks_run" in printed
+    r = json.loads(out_json.read_text())
+    assert r["samples"] == 64 and 0.0 <= r["accuracy"] <= 1.0
+    assert 0 < r["mean_flops"] <= r["full_flops"] * 1.001
+    assert 0.0 <= r["decisions_mean"]["blocks_run"] <= 1.0
+
+
+def test_bench_names_dispatch_to_their_own_parsers(capsys):
+    assert set(EXTERNAL_BENCHES) <= set(bench_names())
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "moe", "--help"])
+    assert e.value.code == 0
+    assert "--quick" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "no-such-bench"])
+    assert "no-such-bench" in capsys.readouterr().err

@@ -9,3 +9,4 @@ from dynets.models import (
     skipnet,  # noqa: F401
     slimmable,  # noqa: F401
 )
+from dynets.spatial import glance, halting, merging, token_pruning  # noqa: F401  (vit_tiny, spatial zoo)

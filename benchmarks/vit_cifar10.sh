@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Spatial dynamic networks on CIFAR-10 (issue 5), 2 CPU threads:
+#   ViT: static vit_tiny vs DynamicViT token pruning (keep ratios 0.7 and 0.5, fine-tuned from the
+#   static ViT with distillation), A-ViT halting (fine-tuned likewise) and ToMe merging (r = 4, 8,
+#   no training): accuracy drop and images/s gain at batch 1 and 64;
+#   glance and focus vs the static ResNet trained with the same schedule: accuracy vs mean FLOPs,
+#   an operating point calibrated on validation data, and its wall-clock.
+# Writes benchmarks/results/vit_cifar10.{json,md} and the PNGs beside them (kept patches, halting
+# depth, merged groups, where glance-and-focus looked, trade-off plots).
+# Designed for about 45 minutes on 2 CPU cores; trained models are cached in ~/.cache/dynets/bench,
+# so a re-run with the same settings only repeats evaluation and timing (do that on a quiet machine).
+# Quick check (a few minutes): benchmarks/vit_cifar10.sh --quick --json /tmp/vit_quick.json
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ " $* " == *" --json "* ]]; then
+  exec .venv/bin/python -m dynets.bench.spatial --data cifar10 "$@"
+fi
+exec .venv/bin/python -m dynets.bench.spatial --data cifar10 --json benchmarks/results/vit_cifar10.json "$@"

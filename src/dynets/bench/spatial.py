@@ -1,0 +1,535 @@
+"""The spatial benchmark: token pruning, halting and merging on a ViT; glance and focus on a CNN.
+
+ViT part (CIFAR-10, 2 threads): a static ViT is trained; DynamicViT (keep predictors, distilled
+from it) and A-ViT halting are fine-tuned from it for a short schedule; ToMe merging uses it as
+is. For every method and setting: test accuracy, its drop against the static ViT, mean FLOPs,
+and images/s against the static ViT at batch 1 and 64 (`compare_wallclock`: one process,
+alternating passes, medians).
+
+Glance part: the static ResNet of `dynets.models.resnet` and `glance_focus` trained with the same
+schedule; accuracy vs mean FLOPs over confidence thresholds, an operating point calibrated on
+validation data to a FLOPs budget, and its wall-clock against the static ResNet.
+
+Trained models are cached by everything that decides them under `cache_dir()/bench`, so a re-run
+only repeats evaluation and timing. Headline fields (top level of the JSON): static_acc,
+dynamic_acc, speedup_b1, speedup_b64 of DynamicViT at the first keep ratio; every method's numbers
+are under "vit" and the glance-and-focus ones under "glance_focus".
+
+Run: `python -m dynets.bench.spatial --json benchmarks/results/vit_cifar10.json` (see --help).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from dynets.bench.evaluate import collect, sweep
+from dynets.bench.plots import _save, plot_pareto, plt
+from dynets.bench.wallclock import compare_wallclock, split_batches
+from dynets.core.registry import create_model
+from dynets.core.serialization import atomic_write_bytes, load, save
+from dynets.data import DATASET_STATS, cache_dir, load_dataset
+from dynets.policies.calibration import calibrate
+from dynets.spatial.halting import HaltingViT
+from dynets.spatial.merging import tome, tome_cost
+from dynets.spatial.plots import plot_glance_focus, plot_halting_depth, plot_kept_patches, plot_merged_groups
+from dynets.spatial.token_pruning import DynamicViT
+from dynets.train import TrainConfig, train
+
+HEADLINE_KEYS = ("static_acc", "dynamic_acc", "speedup_b1", "speedup_b64")
+
+
+@dataclass
+class SpatialBenchConfig:
+    data: str = "cifar10"
+    quick: bool = False
+    parts: tuple[str, ...] = ("vit", "glance")
+    train_limit: int | None = 25000  # of the 45,000 training images, to fit ~45 minutes on 2 cores
+    val_limit: int | None = 2000
+    test_limit: int | None = None
+    batch_size: int = 128
+    seed: int = 0
+    # ViT: a smaller shape than the zoo default (dim 192, mlp 4) so that training fits ~45 minutes
+    vit_kw: dict = field(default_factory=lambda: dict(dim=128, depth=6, heads=4, mlp_ratio=2.0))
+    vit_epochs: int = 6
+    vit_lr: float = 1e-3
+    finetune_epochs: int = 1
+    dvit_lr: float = 1e-4  # DynamicViT: backbone and predictors fine-tuned together
+    halting_lr: float = 3e-4  # A-ViT: the halting channel has to move within one epoch
+    keep_ratios: tuple[float, ...] = (0.7, 0.5)
+    train_keep_ratios: tuple[float, ...] = (0.5, 0.6, 0.7)
+    halting_kw: dict = field(default_factory=dict)
+    halting_thresholds: tuple[float, ...] = (0.99,)
+    tome_r: tuple[int, ...] = (4, 8)
+    # glance and focus vs the static ResNet, trained with the same schedule
+    cnn_epochs: int = 3
+    cnn_lr: float = 0.1
+    gf_kw: dict = field(default_factory=dict)
+    gf_budget: float = 0.5  # operating point: this fraction of the static ResNet's FLOPs
+    # timing
+    b1_samples: int = 300
+    b64_samples: int = 2048
+    rounds: int = 5
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.parts) - {"vit", "glance"})
+        if bad or not self.parts:
+            raise ValueError(f"parts: expected a non-empty subset of ('vit', 'glance'), got {self.parts}")
+        if self.quick:
+            self.train_limit = min(self.train_limit or 2000, 2000)
+            self.val_limit = min(self.val_limit or 500, 500)
+            self.test_limit = self.test_limit or 500
+            self.vit_kw = dict(dim=64, depth=6, heads=2, mlp_ratio=2.0)
+            self.vit_epochs = min(self.vit_epochs, 2)
+            self.cnn_epochs = min(self.cnn_epochs, 2)
+            self.gf_kw = self.gf_kw or dict(widths=(16, 32, 64))
+            self.b1_samples = min(self.b1_samples, 40)
+            self.b64_samples = min(self.b64_samples, 256)
+            self.rounds = min(self.rounds, 3)
+
+
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _key(obj: object) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _trained(path: Path, build: Callable[[], torch.nn.Module], data, tc: TrainConfig, seed: int, name: str):
+    """Train the model `build()` makes (or reuse the copy an identical earlier run cached at `path`)."""
+    if (path / "config.json").exists():
+        _log(f"reusing trained {name} from {path}")
+        return load(path)
+    torch.manual_seed(seed)
+    model = build()
+    _log(f"training {name} for {tc.epochs} epoch(s) on {len(data)} images")
+    start = time.time()
+    train(model, data, tc)
+    _log(f"trained {name} in {time.time() - start:.0f} s")
+    model.eval()
+    save(model, path)
+    return model
+
+
+@torch.inference_mode()
+def _evaluate(fn: Callable[[torch.Tensor], object], data, bs: int = 256) -> dict:
+    """Accuracy and mean FLOPs of a model call returning DynamicOutput (or logits with flops=None)."""
+    correct, flops = 0, []
+    for i in range(0, len(data), bs):
+        out = fn(data.x[i : i + bs])
+        correct += int((out.logits.argmax(-1) == data.y[i : i + bs]).sum())
+        flops.append(out.flops)
+    return {"accuracy": correct / len(data), "mean_flops": float(torch.cat(flops).mean())}
+
+
+def _timing(static_fn, dyn_fn, x: torch.Tensor, cfg: SpatialBenchConfig) -> dict:
+    res = {}
+    for bs, n in ((1, cfg.b1_samples), (64, cfg.b64_samples)):
+        wc = compare_wallclock(static_fn, dyn_fn, split_batches(x[:n], bs), rounds=cfg.rounds)
+        res[f"b{bs}"] = wc
+    return res
+
+
+def run(
+    cfg: SpatialBenchConfig,
+    *,
+    json_path: str | None = None,
+    out_dir: str | None = None,
+    progress: bool = True,
+) -> dict:
+    torch.set_num_threads(cfg.threads)
+    out = Path(out_dir or (Path(json_path).parent if json_path else "benchmarks/results"))
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(json_path).stem if json_path else f"spatial_{cfg.data}"
+    t0 = time.time()
+    train_set = load_dataset(cfg.data, "train", limit=cfg.train_limit)
+    val_set = load_dataset(cfg.data, "val", limit=cfg.val_limit)
+    test_set = load_dataset(cfg.data, "test", limit=cfg.test_limit)
+    _log(f"data {cfg.data}: train {len(train_set)}, val {len(val_set)}, test {len(test_set)}")
+    c, h, _ = train_set.input_shape
+    mean, std = DATASET_STATS.get(cfg.data, ((0.5,), (0.25,)))
+    data_kw = dict(
+        in_channels=c, image_size=h, num_classes=train_set.num_classes, mean=tuple(mean), std=tuple(std)
+    )
+    result: dict = {"benchmark": "spatial", "data": cfg.data, "quick": cfg.quick, "config": asdict(cfg)}
+    ctx = dict(
+        cfg=cfg,
+        train_set=train_set,
+        val_set=val_set,
+        test_set=test_set,
+        data_kw=data_kw,
+        out=out,
+        stem=stem,
+        progress=progress,
+    )
+    if "vit" in cfg.parts:
+        result["vit"] = _vit_part(**ctx)
+        head = result["vit"]["methods"][f"dynamicvit_{cfg.keep_ratios[0]}"]
+        result.update(
+            static_acc=result["vit"]["static"]["accuracy"],
+            dynamic_acc=head["accuracy"],
+            speedup_b1=head["speedup_b1"],
+            speedup_b64=head["speedup_b64"],
+        )
+    if "glance" in cfg.parts:
+        result["glance_focus"] = _glance_part(**ctx)
+    result.update(torch=torch.__version__, threads=torch.get_num_threads(), seconds=time.time() - t0)
+    if json_path:
+        atomic_write_bytes(json_path, json.dumps(result, indent=2).encode())
+    atomic_write_bytes(out / f"{stem}.md", _markdown(result).encode())
+    _log(f"done in {time.time() - t0:.0f} s")
+    return result
+
+
+# ------------------------------------------------------------------------------------------ ViT
+def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -> dict:
+    kw = {**data_kw, **cfg.vit_kw}
+    tc = dict(
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        augment="crop_flip" if data_kw["image_size"] == 32 else "none",
+        optimizer="adamw",
+        weight_decay=0.05,
+        grad_clip=1.0,
+    )
+    base = [cfg.data, cfg.train_limit, cfg.seed, kw, tc, cfg.vit_epochs, cfg.vit_lr]
+    tc["progress"] = progress
+    cache = cache_dir() / "bench"
+    name = f"spatial_{cfg.data}"
+    static_tc = TrainConfig(
+        **tc,
+        epochs=cfg.vit_epochs,
+        lr=cfg.vit_lr,
+        warmup_epochs=min(1.0, cfg.vit_epochs / 5),
+        label_smoothing=0.1,
+    )
+    static = _trained(
+        cache / f"{name}-vit-{_key(base)}",
+        lambda: create_model("vit_tiny", **kw),
+        train_set,
+        static_tc,
+        cfg.seed,
+        "static vit_tiny",
+    )
+    ft = dict(**tc, epochs=cfg.finetune_epochs, warmup_epochs=0.1 * cfg.finetune_epochs)
+    ft_key = base + [cfg.finetune_epochs]
+
+    def build_dvit():
+        return (
+            DynamicViT.from_static(
+                static, keep_ratio=cfg.keep_ratios[0], train_keep_ratios=tuple(cfg.train_keep_ratios)
+            )
+            .set_teacher(static)
+            .train()
+        )
+
+    def build_avit():
+        return HaltingViT.from_static(static, **cfg.halting_kw).set_teacher(static).train()
+
+    dvit = _trained(
+        cache / f"{name}-dvit-{_key(ft_key + [cfg.train_keep_ratios, cfg.dvit_lr])}",
+        build_dvit,
+        train_set,
+        TrainConfig(**ft, lr=cfg.dvit_lr),
+        cfg.seed,
+        "DynamicViT",
+    )
+    avit = _trained(
+        cache / f"{name}-avit-{_key(ft_key + [cfg.halting_kw, cfg.halting_lr])}",
+        build_avit,
+        train_set,
+        TrainConfig(**ft, lr=cfg.halting_lr),
+        cfg.seed,
+        "A-ViT halting",
+    )
+    static.eval()
+    full = static.full_cost()
+    static_row = {**_evaluate(static, test_set), "mean_flops": full}
+    _log(f"static ViT: accuracy {static_row['accuracy']:.4f}, {full / 1e6:.1f} MFLOPs")
+    tm = tome(static, 0).eval()
+    methods: dict[str, tuple[Callable, str, object]] = {}
+    for rho in cfg.keep_ratios:
+        methods[f"dynamicvit_{rho}"] = (
+            lambda x, r=rho: dvit(x, keep_ratio=r),
+            "token pruning (DynamicViT)",
+            rho,
+        )
+    for thr in cfg.halting_thresholds:
+        methods[f"halting_{thr}"] = (lambda x, t=thr: avit(x, threshold=t), "halting (A-ViT)", thr)
+    for r in cfg.tome_r:
+        methods[f"tome_r{r}"] = (lambda x, r=r: tm(x, r=r), "merging (ToMe, no training)", r)
+    rows = {}
+    xt = test_set.x
+    for key, (fn, family, setting) in methods.items():
+        ev = _evaluate(fn, test_set)
+        wc = _timing(static.forward_static, fn, xt, cfg)
+        rows[key] = {
+            "family": family,
+            "setting": setting,
+            **ev,
+            "accuracy_drop": static_row["accuracy"] - ev["accuracy"],
+            "flops_ratio": ev["mean_flops"] / full,
+            "speedup_b1": wc["b1"]["speedup"],
+            "speedup_b64": wc["b64"]["speedup"],
+            "timing": wc,
+        }
+        _log(
+            f"{key}: acc {ev['accuracy']:.4f} (static {static_row['accuracy']:.4f}), "
+            f"FLOPs x{ev['mean_flops'] / full:.3f}, "
+            f"speed-up b1 {wc['b1']['speedup']:.2f}x, b64 {wc['b64']['speedup']:.2f}x"
+        )
+    # pictures of the decisions on a few test images
+    x8 = xt[:8]
+    with torch.inference_mode():
+        for rho in cfg.keep_ratios:
+            plot_kept_patches(
+                x8,
+                dvit(x8, keep_ratio=rho).decisions["kept"],
+                out / f"{stem}_kept_{rho}.png",
+                title=f"DynamicViT keep ratio {rho}: patches kept after each stage (grey = dropped)",
+            )
+        plot_halting_depth(x8, avit(x8).decisions["depth"], out / f"{stem}_halting_depth.png")
+        plot_merged_groups(
+            x8,
+            tm(x8, r=max(cfg.tome_r), record=True).decisions["owner"],
+            out / f"{stem}_tome_groups.png",
+            title=f"ToMe r={max(cfg.tome_r)}: patches merged into the same final token",
+        )
+    _plot_vit(static_row, rows, out / f"{stem}_vit_tradeoff.png")
+    # control: the same gathering with untrained keep predictors (a near-random keep rule), to
+    # show what the trained predictors add over merely dropping that many tokens
+    torch.manual_seed(cfg.seed)
+    untrained = DynamicViT.from_static(static).eval()
+    control = {
+        f"untrained_predictors_{rho}": _evaluate(lambda x, r=rho: untrained(x, keep_ratio=r), test_set)[
+            "accuracy"
+        ]
+        for rho in cfg.keep_ratios
+    }
+    _log(f"control, untrained keep predictors: {control}")
+    return {
+        "static": static_row,
+        "methods": rows,
+        "control_accuracy": control,
+        "tome_flops": {r: tome_cost(static, r) for r in cfg.tome_r},
+        "model": kw,
+    }
+
+
+def _plot_vit(static_row: dict, rows: dict, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, b in zip(axes, ("b1", "b64")):
+        ax.axhline(100 * static_row["accuracy"], color="gold", ls="--", label="static ViT")
+        for key, r in rows.items():
+            ax.scatter(r[f"speedup_{b}"], 100 * r["accuracy"], label=key)
+        ax.axvline(1.0, color="grey", lw=0.5)
+        ax.set_xlabel(f"images/s vs static, batch {b[1:]}")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("ViT on 2 CPU threads: accuracy vs wall-clock speed-up", fontsize=9)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------ glance
+def _glance_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -> dict:
+    tc = TrainConfig(
+        epochs=cfg.cnn_epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.cnn_lr,
+        seed=cfg.seed,
+        augment="crop_flip" if data_kw["image_size"] == 32 else "none",
+        progress=progress,
+    )
+    base = [cfg.data, cfg.train_limit, cfg.seed, data_kw, asdict(tc) | {"progress": None}]
+    cache = cache_dir() / "bench"
+    name = f"spatial_{cfg.data}"
+    static = _trained(
+        cache / f"{name}-resnet-{_key(base)}",
+        lambda: create_model("static_resnet", **data_kw),
+        train_set,
+        tc,
+        cfg.seed,
+        "static_resnet",
+    )
+    gf_kw = {**data_kw, **cfg.gf_kw}
+    gf = _trained(
+        cache / f"{name}-gf-{_key(base + [gf_kw])}",
+        lambda: create_model("glance_focus", **gf_kw),
+        train_set,
+        tc,
+        cfg.seed,
+        "glance_focus",
+    )
+    static.eval()
+    gf.eval()
+    full = static.full_cost()
+    with torch.inference_mode():
+        static_acc = float(
+            torch.cat([static.forward_static(test_set.x[i : i + 256]) for i in range(0, len(test_set), 256)])
+            .argmax(-1)
+            .eq(test_set.y)
+            .double()
+            .mean()
+        )
+    static_row = {"accuracy": static_acc, "mean_flops": full}
+    val, test = collect(gf, val_set), collect(gf, test_set)
+    val.full_cost = test.full_cost = full
+    rows = sweep(test, ["confidence"])
+    anytime = [
+        {"exit": k, "accuracy": a, "mean_flops": float(test.exit_costs[k])}
+        for k, a in enumerate(test.accuracy_per_exit())
+    ]
+    budget = max(cfg.gf_budget, float(val.exit_costs[0]) / full)
+    budget = min(budget, float(val.exit_costs[-1]) / full)
+    cal = calibrate("confidence", val.exit_logits, val.labels, val.exit_costs, budget, full_cost=full)
+    gf.policy = cal.policy
+    op = _evaluate(gf, test_set)
+    with torch.inference_mode():
+        focused = torch.cat(
+            [gf(test_set.x[i : i + 256]).decisions["focused"] for i in range(0, len(test_set), 256)]
+        )
+    wc = _timing(static.forward_static, gf, test_set.x, cfg)
+    op_row = {
+        "policy": cal.policy.to_dict(),
+        "budget": budget,
+        **op,
+        "accuracy_drop": static_acc - op["accuracy"],
+        "flops_ratio": op["mean_flops"] / full,
+        "focused_fraction": float(focused.double().mean()),
+        "speedup_b1": wc["b1"]["speedup"],
+        "speedup_b64": wc["b64"]["speedup"],
+        "timing": wc,
+    }
+    _log(
+        f"glance_focus at {cal.policy}: acc {op['accuracy']:.4f} (static ResNet {static_acc:.4f}), FLOPs "
+        f"x{op_row['flops_ratio']:.3f}, focused {op_row['focused_fraction']:.2f}, speed-up b1 "
+        f"{wc['b1']['speedup']:.2f}x, b64 {wc['b64']['speedup']:.2f}x"
+    )
+    plot_pareto(
+        rows,
+        static_row,
+        out / f"{stem}_glance_pareto.png",
+        anytime=anytime,
+        calibrated=[op_row],
+        title=f"{cfg.data}: glance and focus vs static ResNet",
+    )
+    x16 = test_set.x[:16]
+    with torch.inference_mode():
+        d = gf(x16).decisions
+    plot_glance_focus(x16, d["focused"], d["patch"], gf.config.patch_size, out / f"{stem}_glance_focus.png")
+    return {
+        "static": static_row,
+        "operating_point": op_row,
+        "anytime": anytime,
+        "sweep": rows,
+        "exit_costs": test.exit_costs.tolist(),
+        "model": gf_kw,
+    }
+
+
+# ---------------------------------------------------------------------------------- report
+def _markdown(r: dict) -> str:
+    lines = [f"# Spatial dynamic networks on {r['data']} ({'quick' if r['quick'] else 'full'} run)", ""]
+    if "vit" in r:
+        s = r["vit"]["static"]
+        lines += [
+            f"Static ViT ({r['vit']['model']}): accuracy {100 * s['accuracy']:.2f}%, "
+            f"{s['mean_flops'] / 1e6:.1f} MFLOPs per image. {r['threads']} CPU threads.",
+            "",
+            "| method | setting | accuracy | drop (points) | FLOPs vs static | speed-up b1 | speed-up b64 |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for m in r["vit"]["methods"].values():
+            lines.append(
+                f"| {m['family']} | {m['setting']} | {100 * m['accuracy']:.2f}% "
+                f"| {100 * m['accuracy_drop']:.2f} | {m['flops_ratio']:.3f} "
+                f"| {m['speedup_b1']:.2f}x | {m['speedup_b64']:.2f}x |"
+            )
+        lines += [
+            "",
+            "Control, the same gathering with untrained keep predictors (a near-random keep rule): "
+            + ", ".join(
+                f"{k.rsplit('_', 1)[1]}: {100 * v:.2f}%" for k, v in r["vit"]["control_accuracy"].items()
+            ),
+        ]
+        lines.append("")
+    if "glance_focus" in r:
+        g = r["glance_focus"]
+        op, s = g["operating_point"], g["static"]
+        lines += [
+            "## Glance and focus vs the static ResNet",
+            "",
+            "| metric | value |",
+            "|---|---:|",
+            f"| static ResNet accuracy / MFLOPs | {100 * s['accuracy']:.2f}% / {s['mean_flops'] / 1e6:.1f} |",
+            f"| glance only / glance + focus accuracy | {100 * g['anytime'][0]['accuracy']:.2f}% / "
+            f"{100 * g['anytime'][1]['accuracy']:.2f}% |",
+            f"| glance / glance + focus MFLOPs | {g['exit_costs'][0] / 1e6:.1f} / "
+            f"{g['exit_costs'][1] / 1e6:.1f} |",
+            f"| operating point ({op['policy']['kind']} {op['policy']['threshold']}) accuracy | "
+            f"{100 * op['accuracy']:.2f}% |",
+            f"| FLOPs vs static / focused fraction | {op['flops_ratio']:.3f} / "
+            f"{op['focused_fraction']:.2f} |",
+            f"| speed-up batch 1 / batch 64 | {op['speedup_b1']:.2f}x / {op['speedup_b64']:.2f}x |",
+            "",
+            "| threshold | accuracy | FLOPs vs static |",
+            "|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {row['value']} | {100 * row['accuracy']:.2f}% | {row['flops_ratio']:.3f} |"
+            for row in g["sweep"]
+        ]
+        lines.append("")
+    lines.append(f"Total {r['seconds']:.0f} s, torch {r['torch']}.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dynets.bench.spatial", description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="cifar10")
+    p.add_argument("--parts", default="vit,glance", help="comma-separated: vit, glance")
+    p.add_argument("--quick", action="store_true", help="reduced version (a few minutes)")
+    p.add_argument("--limit", type=int, default=None, help="train and test on at most N images")
+    p.add_argument("--vit-epochs", type=int, default=None)
+    p.add_argument("--finetune-epochs", type=int, default=None)
+    p.add_argument("--cnn-epochs", type=int, default=None)
+    p.add_argument("--json", default=None)
+    p.add_argument("--out", default=None, help="folder for the Markdown and PNGs (default: beside --json)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the benchmark's setting: 2)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    extra = {
+        k: v
+        for k, v in (
+            ("vit_epochs", a.vit_epochs),
+            ("finetune_epochs", a.finetune_epochs),
+            ("cnn_epochs", a.cnn_epochs),
+        )
+        if v is not None
+    }
+    if a.limit:
+        extra.update(train_limit=a.limit, test_limit=a.limit, val_limit=a.limit)
+    cfg = SpatialBenchConfig(
+        data=a.data,
+        quick=a.quick,
+        threads=a.threads,
+        parts=tuple(s.strip() for s in a.parts.split(",")),
+        **extra,
+    )
+    r = run(cfg, json_path=a.json, out_dir=a.out, progress=not a.no_progress)
+    print(json.dumps({k: round(r[k], 4) for k in HEADLINE_KEYS if k in r}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

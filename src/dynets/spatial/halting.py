@@ -1,0 +1,282 @@
+"""A-ViT-style per-token halting: adaptive computation time over depth, token by token.
+
+After block l every token gets a halting score h = sigmoid(gate_scale * x[..., 0] - gate_center)
+read from one channel of its own embedding (no extra parameters, as in A-ViT, Yin et al. 2022);
+scores accumulate and a token halts at the first block where the sum reaches `threshold`
+(1 - eps); the last block halts everyone. A halted token leaves the computation: later tokens no
+longer attend to it. The class token halts too; its output is the ACT mixture of its states
+(h_l at each block it ran through, the remainder 1 - sum h at its halting block), and once it has
+halted the sample is finished (nothing else can change the prediction), so all of that sample's
+tokens stop.
+
+Training: the dense masked computation (halted tokens stay in the tensor but are masked out of
+attention as keys); aux["loss"] = ponder_weight * mean(N_k + R_k) (blocks run plus remainder,
+per token) + distr_weight * KL(prior || mean halting distribution over blocks), the prior a
+Gaussian centred on `target_depth` blocks, + distill_weight * KL to a teacher's logits if set.
+
+Inference: a PACKED execution. The active tokens of all samples sit in one (T_active, D) tensor,
+so LayerNorm, qkv, proj and the MLP (about 95% of a block's FLOPs) run only on tokens that are
+still active; only the attention core needs a per-sample layout: qkv is scattered into
+(B_live, L_max, 3D), L_max the largest active count in the batch, with a key-padding mask, then
+gathered back. When every live sample has the same count the padding step is skipped (batch 1
+always). Per-sample FLOPs are the measured block costs at each sample's own active count (the
+attention padding is not charged to anyone; it is the price of batching).
+
+decisions: "depth" (B, 1 + N) int64, the number of blocks each token ran (class token first).
+`threshold` is a run-time knob (`model.threshold = 0.9` or `model(x, threshold=0.9)`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dynets.core.outputs import DynamicOutput, MultiExitOutput
+from dynets.core.registry import register_model
+from dynets.core.serialization import register_architecture
+from dynets.models.vit import ViT, ViTConfig, attention_core, vit_config
+
+
+def check_threshold(t: object) -> float:
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or not 0 < t <= 1:
+        raise ValueError(f"threshold: expected a number in (0, 1] (1 - eps), got {t!r}")
+    return float(t)
+
+
+@dataclass
+class HaltingViTConfig(ViTConfig):
+    gate_scale: float = 5.0
+    gate_center: float = 10.0  # h = sigmoid(gate_scale * x[..., 0] - gate_center)
+    threshold: float = 0.99  # 1 - eps: halt when the cumulative score reaches it (run-time knob)
+    ponder_weight: float = 5e-4
+    distr_weight: float = 0.1
+    target_depth: float = 4.0  # centre of the halting-depth prior, in blocks
+    distill_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_threshold(self.threshold)
+        if not 0 < self.target_depth <= self.depth:
+            raise ValueError(
+                f"target_depth: expected a value in (0, depth={self.depth}], got {self.target_depth}"
+            )
+
+
+@register_architecture
+class HaltingViT(ViT):
+    config_class = HaltingViTConfig
+
+    def __init__(self, config: HaltingViTConfig) -> None:
+        super().__init__(config)
+        self._teacher: list[ViT] = []
+
+    @property
+    def threshold(self) -> float:
+        return self.config.threshold
+
+    @threshold.setter
+    def threshold(self, t: float) -> None:
+        self.config.threshold = check_threshold(t)
+
+    def set_teacher(self, teacher: ViT | None) -> HaltingViT:
+        self._teacher = [] if teacher is None else [teacher.eval()]
+        return self
+
+    def halting_score(self, t: torch.Tensor, layer: int) -> torch.Tensor:
+        if layer == self.config.depth - 1:
+            return torch.ones_like(t[..., 0])
+        return torch.sigmoid(self.config.gate_scale * t[..., 0] - self.config.gate_center)
+
+    # ---------------------------------------------------------------- dense masked path
+    def forward_dense(self, x: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
+        """Every token in the tensor, halted ones masked out of attention as keys (training and
+        the reference for the packed path). Returns logits, depth (B, T), ponder (B, T) and the
+        ACT weights per block (L, B, T)."""
+        t = self.embed(x)
+        B, T, _ = t.shape
+        active = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        cum = t.new_zeros(B, T)  # sum of h so far (no grad needed for decisions)
+        rem = t.new_ones(B, T)  # 1 - sum h, with grad
+        ponder = t.new_zeros(B, T)
+        depth = torch.zeros(B, T, dtype=torch.long, device=x.device)
+        out_cls = t.new_zeros(B, t.shape[-1])
+        weights = []
+        for i, blk in enumerate(self.blocks):
+            bias = None
+            if not bool(active.all()):
+                bias = torch.zeros(B, 1, 1, T, dtype=t.dtype, device=t.device)
+                bias.masked_fill_(~active[:, None, None, :], float("-inf"))
+            t = blk(t, bias=bias)
+            h = self.halting_score(t, i)  # (B, T)
+            a = active.to(t.dtype)
+            depth += active.long()
+            halt = active & (cum + h.detach() >= threshold)
+            halt = halt | (active & halt[:, :1])  # the class token halted: the sample is done
+            hf = halt.to(t.dtype)
+            w = (hf * rem + (1 - hf) * h) * a  # ACT weight of this block for each token
+            weights.append(w)
+            out_cls = out_cls + w[:, :1] * t[:, 0]
+            ponder = ponder + a + hf * rem
+            cum = cum + h.detach() * a
+            rem = rem - (1 - hf) * h * a
+            active = active & ~halt
+        logits = self.forward_head(self.norm(out_cls[:, None]))
+        return {"logits": logits, "depth": depth, "ponder": ponder, "weights": torch.stack(weights)}
+
+    def training_loss(self, x: torch.Tensor, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        c = self.config
+        loss = c.ponder_weight * out["ponder"].mean()
+        if c.distr_weight:
+            L = c.depth
+            dist = out["weights"].mean((1, 2))  # (L,) mean halting distribution over blocks
+            dist = dist / dist.sum()
+            blocks = torch.arange(1, L + 1, dtype=dist.dtype, device=dist.device)
+            prior = torch.exp(-0.5 * (blocks - c.target_depth) ** 2)
+            prior = prior / prior.sum()
+            loss = loss + c.distr_weight * (prior * (prior.log() - dist.clamp_min(1e-8).log())).sum()
+        if self._teacher and c.distill_weight:
+            with torch.no_grad():
+                t_logits = self._teacher[0].forward_static(x)
+            kl = F.kl_div(
+                F.log_softmax(out["logits"], -1),
+                F.log_softmax(t_logits, -1),
+                reduction="batchmean",
+                log_target=True,
+            )
+            loss = loss + c.distill_weight * kl
+        return loss
+
+    # ---------------------------------------------------------------- packed path (inference)
+    def _packed_block(self, blk, xp, sid, pos, counts) -> torch.Tensor:
+        """One block on packed tokens xp (T, D) of live samples sid (T,) at positions pos (T,)."""
+        n_live, L = counts.shape[0], int(counts.max())
+        D, H = xp.shape[-1], blk.attn.heads
+        qkv = blk.attn.qkv(blk.norm1(xp))  # (T, 3D) on active tokens only
+        uniform = bool((counts == L).all())
+        if uniform:  # tokens are sample-major, so this is a view: no padding at all
+            grid, bias = qkv.view(n_live, L, 3 * D), None
+        else:
+            grid = qkv.new_zeros(n_live, L, 3 * D)
+            grid[sid, pos] = qkv
+            bias = torch.zeros(n_live, 1, 1, L, dtype=xp.dtype, device=xp.device)
+            bias.masked_fill_(
+                torch.arange(L, device=xp.device)[None, None, None] >= counts[:, None, None, None],
+                float("-inf"),
+            )
+        q, k, v = grid.view(n_live, L, 3, H, D // H).permute(2, 0, 3, 1, 4)  # each (n, H, L, d)
+        o = attention_core(q, k, v, bias).transpose(1, 2).reshape(n_live, L, D)
+        o = o.reshape(-1, D) if uniform else o[sid, pos]  # back to packed (T, D)
+        xp = xp + blk.attn.proj(o)
+        return xp + blk.mlp(blk.norm2(xp))
+
+    def forward_packed(
+        self, x: torch.Tensor, threshold: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns logits (B, C), depth (B, T) and per-sample FLOPs (B,)."""
+        t = self.embed(x)
+        B, T, D = t.shape
+        dev = x.device
+        xp = t.reshape(B * T, D)
+        sample = torch.arange(B, device=dev).repeat_interleave(T)  # input row of each packed token
+        tok = torch.arange(T, device=dev).repeat(B)  # token index within its image (0 = class)
+        cum, rem = xp.new_zeros(B * T), xp.new_ones(B * T)
+        depth = torch.zeros(B, T, dtype=torch.long, device=dev)
+        out_cls = xp.new_zeros(B, D)
+        table = self._block_cost_table().to(dev)
+        flops = torch.full((B,), float(self.embed_cost() + self.head_cost()), dtype=torch.float64, device=dev)
+        live = torch.arange(B, device=dev)  # samples still running, ascending
+        lut = torch.empty(B, dtype=torch.long, device=dev)
+        for i, blk in enumerate(self.blocks):
+            # 1. per-sample layout of the packed tokens: live index, count, position
+            lut[live] = torch.arange(live.numel(), device=dev)
+            sid = lut[sample]
+            counts = torch.bincount(sid, minlength=live.numel())
+            starts = counts.cumsum(0) - counts
+            pos = torch.arange(sid.numel(), device=dev) - starts[sid]
+            flops[live] += table[counts]
+            depth[sample, tok] += 1
+            # 2. the block on active tokens only
+            xp = self._packed_block(blk, xp, sid, pos, counts)
+            # 3. halting: ACT weight for the class token, who stops, whole samples that stop
+            h = self.halting_score(xp, i)
+            halt = cum + h >= threshold
+            is_cls = tok == 0
+            w = torch.where(halt, rem, h)
+            out_cls.index_add_(0, sample[is_cls], w[is_cls, None] * xp[is_cls])
+            done = torch.zeros(B, dtype=torch.bool, device=dev)
+            done[sample[is_cls & halt]] = True
+            keep = ~(halt | done[sample])
+            if not bool(keep.any()):
+                break
+            xp, sample, tok = xp[keep], sample[keep], tok[keep]
+            cum, rem = (cum + h)[keep], (rem - h)[keep]
+            live = live[~done[live]]
+        logits = self.forward_head(self.norm(out_cls[:, None]))
+        return logits, depth, flops
+
+    def forward_single(
+        self, x: torch.Tensor, threshold: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batch of one: plain (1, n, D) tensors, halted tokens dropped by a boolean select; no
+        packing bookkeeping at all (the same decisions and outputs as `forward_packed`)."""
+        t = self.embed(x)  # (1, T, D)
+        T = t.shape[1]
+        idx = torch.arange(T, device=x.device)  # original index of each active token
+        cum, rem = t.new_zeros(T), t.new_ones(T)
+        depth = torch.zeros(T, dtype=torch.long, device=x.device)
+        table = self._block_cost_table()
+        flops = float(self.embed_cost() + self.head_cost())
+        out_cls = t.new_zeros(t.shape[-1])
+        for i, blk in enumerate(self.blocks):
+            flops += float(table[t.shape[1]])
+            depth.index_add_(0, idx, torch.ones_like(idx))
+            t = blk(t)
+            h = self.halting_score(t[0], i)  # (n,)
+            halt = cum + h >= threshold
+            if bool(halt[0]):  # the class token halts: the sample is finished
+                out_cls = out_cls + rem[0] * t[0, 0]
+                break
+            out_cls = out_cls + h[0] * t[0, 0]
+            cum, rem = cum + h, rem - h
+            if bool(halt.any()):
+                keep = ~halt
+                t, idx, cum, rem = t[:, keep], idx[keep], cum[keep], rem[keep]
+        logits = self.forward_head(self.norm(out_cls[None, None]))
+        return logits, depth[None], torch.tensor([flops], dtype=torch.float64)
+
+    def _block_cost_table(self) -> torch.Tensor:
+        """(T + 1,) float64: FLOPs of one block on n tokens, n = 0..T (measured once per n)."""
+        if "_table" not in self.__dict__:
+            T = self.num_patches + 1
+            self.__dict__["_table"] = torch.tensor(
+                [self.block_cost(n) for n in range(T + 1)], dtype=torch.float64
+            )
+        return self.__dict__["_table"]
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, threshold: float | None = None) -> DynamicOutput | MultiExitOutput:
+        self.check_input(x)
+        thr = self.threshold if threshold is None else check_threshold(threshold)
+        if self.training:
+            out = self.forward_dense(x, thr)
+            return MultiExitOutput([out["logits"]], aux={"loss": self.training_loss(x, out)})
+        B, T = x.shape[0], self.num_patches + 1
+        if B == 0:
+            return DynamicOutput(
+                x.new_zeros(0, self.num_classes),
+                flops=torch.zeros(0, dtype=torch.float64),
+                decisions={"depth": torch.zeros(0, T, dtype=torch.long)},
+            )
+        with torch.no_grad():
+            run = self.forward_single if B == 1 else self.forward_packed
+            logits, depth, flops = run(x, thr)
+        return DynamicOutput(logits, flops=flops, decisions={"depth": depth})
+
+
+@register_model
+def avit_tiny(**kw: object) -> HaltingViT:
+    """vit_tiny with A-ViT per-token halting (adaptive computation time over depth)."""
+    return HaltingViT(vit_config(HaltingViTConfig, kw))

@@ -34,3 +34,13 @@ def test_bench_names_dispatch_to_their_own_parsers(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "no-such-bench"])
     assert "no-such-bench" in capsys.readouterr().err
+
+
+def test_train_and_eval_a_sequence_model_from_the_cli(tmp_path, capsys, require_shared):
+    require_shared("data/ucr-subset.tar.xz")
+    run = tmp_path / "run"
+    argv = ["train", "skip_lstm", "--data", "ucr:ECG5000", "--out", str(run), "--epochs", "1"]
+    assert main([*argv, "--limit", "64", "--no-progress", "--threads", "1", "--set", "hidden=16"]) == 0
+    assert main(["eval", str(run / "model"), "--data", "ucr:ECG5000", "--limit", "50", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "50 samples of ucr:ECG5000:test" in printed and "decision updated" in printed

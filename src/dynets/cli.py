@@ -82,13 +82,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     train_set = load_dataset(args.data, "train", limit=args.limit)
     val_set = load_dataset(args.data, "val")
-    c, h, w = train_set.input_shape
-    kw = dict(in_channels=c, image_size=h, num_classes=train_set.num_classes)
-    if train_set.name in DATASET_STATS:
-        kw.update(mean=tuple(DATASET_STATS[train_set.name][0]), std=tuple(DATASET_STATS[train_set.name][1]))
+    shape = tuple(train_set.input_shape)
+    if len(shape) == 2:  # sequences (T, F): recurrent and sequence models
+        kw = dict(input_size=shape[1], num_classes=train_set.num_classes, seq_len=shape[0])
+    elif len(shape) == 3:
+        c, h, w = shape
+        if h != w:
+            raise SystemExit(f"--data: expected square images, got {h}x{w}")
+        kw = dict(in_channels=c, image_size=h, num_classes=train_set.num_classes)
+        if train_set.name in DATASET_STATS:
+            mean, std = DATASET_STATS[train_set.name]
+            kw.update(mean=tuple(mean), std=tuple(std))
+    else:
+        raise SystemExit(f"--data: expected images (C, H, W) or sequences (T, F), got shape {shape}")
     kw.update(_model_kwargs(args.set))
-    if h != w:
-        raise SystemExit(f"--data: expected square images, got {h}x{w}")
     torch.manual_seed(args.seed)
     model = create_model(args.model, **kw)
     out = Path(args.out)

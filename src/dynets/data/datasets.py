@@ -2,8 +2,12 @@
 
 Specs: ``digits`` (scikit-learn's bundled 8x8 digits), ``mnist`` and ``cifar10`` (read from the shared
 data root, see ``paths.data_root``), ``npz:PATH`` (a user's arrays) and ``folder:PATH`` (a user's image
-folder). Every source yields ``train``/``val``/``test`` splits that are deterministic (seed 0), so results
-are comparable across runs and machines; ``val`` is the held-out set for calibrating policies to a budget.
+folder). Sequence specs give a ``SequenceDataset`` (x: (N, T, F)): ``ucr:NAME`` (a set of the UCR
+time-series archive, see ``ucr.py``) and ``fsdd`` / ``fsdd:mfcc`` / ``fsdd:logmel`` (spoken digits as
+feature frames, see ``audio.py``).
+
+Every source yields ``train``/``val``/``test`` splits that are deterministic (seed 0), so results are
+comparable across runs and machines; ``val`` is the held-out set for calibrating policies to a budget.
 Carved splits keep their seed-0 permutation order and official test sets their source order (class-sorted
 sources interleaved by class), so ``limit=n`` always yields a class-mixed prefix.
 
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +29,7 @@ from torch.utils.data import Dataset
 from . import readers
 from .paths import data_root
 
-__all__ = ["DATASET_STATS", "SPLITS", "ArrayDataset", "list_datasets", "load_dataset"]
+__all__ = ["DATASET_STATS", "SPLITS", "ArrayDataset", "SequenceDataset", "list_datasets", "load_dataset"]
 
 SPLITS = ("train", "val", "test")
 
@@ -110,6 +114,94 @@ class ArrayDataset(Dataset):
         return ArrayDataset(self.x[idx], self.y[idx], list(self.classes), self.name, self.split)
 
 
+@dataclass(eq=False, repr=False)
+class SequenceDataset(Dataset):
+    """A labelled set of sequences padded to one length: ``x`` (N, T, F) float32, ``y`` (N,) int64.
+
+    ``lengths`` (N,) int64 holds each sample's number of valid steps (the rest is padding), or None
+    when every sample fills all T steps. ``info`` carries loader facts worth keeping (feature settings,
+    normalisation statistics, the split rule).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: list[str]
+    name: str
+    split: str = ""
+    lengths: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        x, y, lengths = self.x, self.y, self.lengths
+        for arg, t in (("x", x), ("y", y)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{arg} must be a torch.Tensor; got {type(t).__name__}")
+        if x.ndim != 3 or x.dtype != torch.float32:
+            raise ValueError(f"x must be (N, T, F) float32; got shape {tuple(x.shape)} {x.dtype}")
+        if x.shape[1] < 1:
+            raise ValueError(f"x must hold sequences of at least one step; got T = {x.shape[1]}")
+        if y.ndim != 1 or y.dtype != torch.int64 or len(y) != len(x):
+            raise ValueError(
+                f"y must be (N,) int64 with N = {len(x)} (as x); got shape {tuple(y.shape)} {y.dtype}"
+            )
+        if not torch.isfinite(x).all():
+            raise ValueError(f"x must be finite; got {int((~torch.isfinite(x)).sum())} NaN or inf values")
+        if lengths is not None:
+            ok = isinstance(lengths, torch.Tensor) and lengths.dtype == torch.int64
+            if not ok or lengths.shape != (len(x),):
+                got = tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
+                raise ValueError(f"lengths must be None or (N,) = ({len(x)},) int64; got {got}")
+            if len(lengths) and (int(lengths.min()) < 1 or int(lengths.max()) > x.shape[1]):
+                raise ValueError(
+                    f"lengths must lie in [1, T = {x.shape[1]}]; "
+                    f"got [{int(lengths.min())}, {int(lengths.max())}]"
+                )
+        self.classes = [str(c) for c in self.classes]
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(self.classes)):
+            raise ValueError(
+                f"y must hold class indices in [0, {len(self.classes)}); "
+                f"got values in [{int(y.min())}, {int(y.max())}]"
+            )
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+    def __repr__(self) -> str:
+        return (
+            f"SequenceDataset(name={self.name!r}, split={self.split!r}, n={len(self)}, "
+            f"input_shape={self.input_shape}, num_classes={self.num_classes})"
+        )
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """Shape of one sample, (T, F)."""
+        return tuple(self.x.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, indices_or_n: int | Sequence[int] | np.ndarray | torch.Tensor) -> SequenceDataset:
+        """The first ``n`` samples (an int; all if fewer), or the samples at the given indices, in order."""
+        if isinstance(indices_or_n, (int, np.integer)) and not isinstance(indices_or_n, bool):
+            if indices_or_n < 0:
+                raise ValueError(f"subset size must be >= 0; got {indices_or_n}")
+            idx = torch.arange(min(int(indices_or_n), len(self)))
+        else:
+            idx = torch.as_tensor(np.asarray(indices_or_n), dtype=torch.int64).reshape(-1)
+            if len(idx) and (int(idx.min()) < -len(self) or int(idx.max()) >= len(self)):
+                raise ValueError(
+                    f"subset indices must lie in [0, {len(self)}); got [{int(idx.min())}, {int(idx.max())}]"
+                )
+        lengths = None if self.lengths is None else self.lengths[idx]
+        return SequenceDataset(
+            self.x[idx], self.y[idx], list(self.classes), self.name, self.split, lengths, dict(self.info)
+        )
+
+
 def list_datasets() -> list[str]:
     """Names of the built-in datasets (``npz:PATH`` and ``folder:PATH`` load a user's own data)."""
     return sorted(_NAMED)
@@ -117,7 +209,7 @@ def list_datasets() -> list[str]:
 
 def load_dataset(
     spec: str, split: str = "train", *, root: str | Path | None = None, limit: int | None = None
-) -> ArrayDataset:
+) -> ArrayDataset | SequenceDataset:
     """Load one split of a dataset named by ``spec``; see the module docstring for the spec grammar.
 
     ``root`` replaces the shared data root for named datasets and is the base of relative paths in
@@ -131,6 +223,8 @@ def load_dataset(
         raise TypeError(f"spec must be a str; got {type(spec).__name__}")
     kind, sep, arg = spec.strip().partition(":")
     kind = kind.lower()
+    if kind in _SEQUENCE_LOADERS:  # "ucr:NAME", "fsdd[:FEATURES]"
+        return _SEQUENCE_LOADERS[kind](arg.strip(), split, None if root is None else Path(root), limit)
     if sep and kind in _PATH_LOADERS:
         if not arg.strip():
             raise ValueError(f"spec {spec!r} needs a path: expected '{kind}:PATH'")
@@ -140,7 +234,7 @@ def load_dataset(
         return _PATH_LOADERS[kind](path, split, limit)
     if not sep and kind in _NAMED:
         return _NAMED[kind](split, None if root is None else Path(root), limit)
-    known = [*list_datasets(), *(f"{k}:PATH" for k in _PATH_LOADERS)]
+    known = [*list_datasets(), *(f"{k}:PATH" for k in _PATH_LOADERS), *_SEQUENCE_SPECS]
     raise ValueError(f"unknown dataset spec {spec!r}; expected one of {', '.join(map(repr, known))}")
 
 
@@ -358,5 +452,22 @@ def _encode_labels(
     return given or [str(i) for i in range(hi + 1)], out
 
 
+def _load_ucr(name: str, split: str, root: Path | None, limit: int | None) -> SequenceDataset:
+    from .ucr import UCR_ARCHIVE, load_ucr
+
+    if not name:
+        raise ValueError("spec 'ucr' needs a data set name: expected 'ucr:NAME', e.g. 'ucr:ECG200'")
+    return load_ucr(_shared_file(UCR_ARCHIVE, root), name, split, limit=limit)
+
+
+def _load_fsdd(features: str, split: str, root: Path | None, limit: int | None) -> SequenceDataset:
+    from .audio import FSDD_ARCHIVE, load_fsdd
+
+    return load_fsdd(_shared_file(FSDD_ARCHIVE, root), split, features=features or "mfcc", limit=limit)
+
+
 _NAMED = {"cifar10": _load_cifar10, "digits": _load_digits, "mnist": _load_mnist}
+# Sequence sets are kept apart from _NAMED: list_datasets() and DATASET_STATS describe image sets.
+_SEQUENCE_LOADERS = {"ucr": _load_ucr, "fsdd": _load_fsdd}
+_SEQUENCE_SPECS = ("ucr:NAME", "fsdd[:mfcc|logmel]")
 _PATH_LOADERS = {"npz": _load_npz, "folder": _load_folder}

@@ -5,6 +5,7 @@ from dynets.models import (
     moe_transformer,  # noqa: F401
     msdnet,  # noqa: F401
     resnet,  # noqa: F401
+    rnn,  # noqa: F401
     routing,  # noqa: F401
     skipnet,  # noqa: F401
     slimmable,  # noqa: F401

@@ -1,0 +1,163 @@
+"""Shared pieces of the temporal family: a steppable recurrent stack, input checks, per-step costs.
+
+`RecurrentStack` holds the weights of a plain `nn.LSTM` / `nn.GRU` (so a model can also run the
+fused whole-sequence kernel) and steps them one time step at a time on any subset of rows, which is
+what lets a dynamic executor compute only the samples that update. Its state is one tensor
+S: (B, R, H), R = 2 * layers for an LSTM (h of every layer, then c) and layers for a GRU, so a
+single index_select / index_copy_ along dim 0 (whole contiguous rows, the fast path) moves a
+sample's whole state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dynets.core.cost import measure_flops
+
+CELLS = ("lstm", "gru")
+
+
+def check_sequences(x: object, input_size: int, lengths: object = None) -> torch.Tensor | None:
+    """Validate a padded batch x (B, T, F) and optional lengths (B,); return lengths as int64 or None."""
+    if isinstance(x, (list, tuple)):
+        raise ValueError(
+            f"x: variable-length sequences given as a {type(x).__name__} of {len(x)} tensors; expected one "
+            "padded tensor (B, T, F) and lengths=(B,) with each sample's number of valid steps"
+        )
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor of shape (B, T, {input_size}), got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[2] != input_size:
+        raise ValueError(f"x: expected shape (B, T, F={input_size}), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
+    if x.shape[1] < 1:
+        raise ValueError(f"x: expected sequences of at least one step, got T = {x.shape[1]}")
+    if x.numel() and not torch.isfinite(x).all():
+        raise ValueError("x: expected finite values, got NaN or inf")
+    if lengths is None:
+        return None
+    if not isinstance(lengths, torch.Tensor):
+        lengths = torch.as_tensor(lengths)
+    if lengths.shape != (x.shape[0],) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise ValueError(
+            f"lengths: expected an integer tensor of shape (B,) = ({x.shape[0]},), got "
+            f"{tuple(lengths.shape)} {lengths.dtype}"
+        )
+    lengths = lengths.to(device=x.device, dtype=torch.int64)
+    if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > x.shape[1]):
+        raise ValueError(
+            f"lengths: expected values in [1, T={x.shape[1]}] (a sequence has at least one step), got "
+            f"[{int(lengths.min())}, {int(lengths.max())}]"
+        )
+    return lengths
+
+
+def check_threshold(name: str, value: object, low_open: bool = True) -> float:
+    """A threshold in (0, 1] (or [0, 1] with low_open=False), as a float."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not ((0 < value <= 1) if low_open else (0 <= value <= 1)):
+        interval = "(0, 1]" if low_open else "[0, 1]"
+        raise ValueError(f"{name}: expected a number in {interval}, got {value!r}")
+    return float(value)
+
+
+class RecurrentStack(nn.Module):
+    """A multi-layer LSTM or GRU whose weights can run fused (whole sequence) or one step at a time."""
+
+    def __init__(self, cell: str, input_size: int, hidden: int, layers: int) -> None:
+        super().__init__()
+        if cell not in CELLS:
+            raise ValueError(f"cell: expected one of {CELLS}, got {cell!r}")
+        if min(input_size, hidden, layers) < 1:
+            raise ValueError(
+                f"input_size, hidden, layers: expected ints >= 1, got {input_size}, {hidden}, {layers}"
+            )
+        self.cell, self.hidden, self.layers = cell, hidden, layers
+        self.input_size = input_size
+        self.rnn = (nn.LSTM if cell == "lstm" else nn.GRU)(input_size, hidden, layers, batch_first=True)
+        self.state_rows = 2 * layers if cell == "lstm" else layers
+
+    def init_state(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        return like.new_zeros(batch, self.state_rows, self.hidden)  # (B, R, H)
+
+    def prepare(self) -> list[tuple[torch.Tensor, ...]]:
+        """Per-layer weights laid out for `step`, made once per forward pass: transposed matrices
+        (so each step is a single addmm, no transpose op) and, for an LSTM, the two biases summed."""
+        r, out = self.rnn, []
+        for k in range(self.layers):
+            w_ih, w_hh = getattr(r, f"weight_ih_l{k}"), getattr(r, f"weight_hh_l{k}")
+            b_ih, b_hh = getattr(r, f"bias_ih_l{k}"), getattr(r, f"bias_hh_l{k}")
+            if self.cell == "lstm":
+                out.append((w_ih.t(), w_hh.t(), b_ih + b_hh))
+            else:
+                out.append((w_ih.t(), w_hh.t(), b_ih, b_hh))
+        return out
+
+    def step(
+        self, x: torch.Tensor, state: torch.Tensor, weights: list[tuple[torch.Tensor, ...]] | None = None
+    ) -> torch.Tensor:
+        """One time step for the rows given: x (b, F), state (b, R, H) -> new state (b, R, H).
+
+        The same arithmetic as torch's LSTM / GRU cells, written with as few ops as possible, since
+        at small batch sizes a step's cost is mostly per-op overhead."""
+        w = self.prepare() if weights is None else weights
+        L, H = self.layers, self.hidden
+        if self.cell == "gru":
+            hs, inp = [], x
+            for k in range(L):
+                w_ih, w_hh, b_ih, b_hh = w[k]
+                h = state[:, k]
+                gi, gh = torch.addmm(b_ih, inp, w_ih), torch.addmm(b_hh, h, w_hh)  # (b, 3H): r, z, n
+                rz = torch.sigmoid(gi[:, : 2 * H] + gh[:, : 2 * H])
+                n = torch.tanh(torch.addcmul(gi[:, 2 * H :], rz[:, :H], gh[:, 2 * H :]))
+                inp = torch.lerp(n, h, rz[:, H:])  # (1 - z) * n + z * h
+                hs.append(inp)
+            return torch.stack(hs, 1)
+        hs, cs, inp = [], [], x
+        for k in range(L):
+            w_ih, w_hh, b = w[k]
+            gates = torch.addmm(torch.addmm(b, state[:, k], w_hh), inp, w_ih)  # (b, 4H): i, f, g, o
+            s = torch.sigmoid(gates)
+            c = torch.addcmul(
+                s[:, H : 2 * H] * state[:, L + k], s[:, :H], torch.tanh(gates[:, 2 * H : 3 * H])
+            )
+            inp = s[:, 3 * H :] * torch.tanh(c)
+            hs.append(inp)
+            cs.append(c)
+        return torch.stack(hs + cs, 1)
+
+    def top(self, state: torch.Tensor) -> torch.Tensor:
+        """The top layer's output h, (b, H)."""
+        return state[:, self.layers - 1]
+
+    def memory(self, state: torch.Tensor) -> torch.Tensor:
+        """The top layer's memory: c for an LSTM (the Skip-RNN gate reads it), h for a GRU."""
+        return state[:, -1]
+
+    def run_fused(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Every step of every sample with the fused kernel; the top h at each sample's last step."""
+        if lengths is None:
+            out, _ = self.rnn(x)
+            return out[:, -1]
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, hn = self.rnn(packed)
+        h = hn[0] if self.cell == "lstm" else hn  # (L, B, H), in input order
+        return h[-1]
+
+    def step_flops(self) -> int:
+        """FLOPs of one time step of one sample through every layer (measured at batch size 1)."""
+        if "_step_flops" not in self.__dict__:
+            p = next(self.parameters())
+            x = p.new_zeros(1, self.input_size)
+            self.__dict__["_step_flops"] = measure_flops(self.step, x, self.init_state(1, x))
+        return self.__dict__["_step_flops"]
+
+
+def valid_mask(lengths: torch.Tensor | None, batch: int, steps: int, device: torch.device) -> torch.Tensor:
+    """(B, T) bool: True where step t < length (all True without lengths)."""
+    if lengths is None:
+        return torch.ones(batch, steps, dtype=torch.bool, device=device)
+    return torch.arange(steps, device=device)[None, :] < lengths[:, None]

@@ -1,0 +1,265 @@
+"""Frame skipping with optional early classification: read a frame, decide how many to skip.
+
+After reading frame t (one step of the recurrent cell) a small policy, a linear layer on the new
+hidden state, picks a skip length k in {0, ..., max_skip}: frames t+1 .. t+k are never read (no cell,
+no policy: they cost nothing) and frame t+k+1 is read next. This is LSTM-Jump-style skimming (Yu et
+al. 2017) applied to frames; the policy is trained end to end with the straight-through
+Gumbel-softmax: a one-hot "frames left to skip" counter c_t is carried through time,
+
+    r_t     = c_t[0]                                      (read frame t?)
+    s_t     = r_t * cell(x_t, s_{t-1}) + (1 - r_t) * s_{t-1}
+    c_{t+1} = r_t * gumbel_softmax(policy(s_t), hard) + (1 - r_t) * shift(c_t)
+
+so the classification loss reaches the policy through the reads it caused, and a budget loss on the
+fraction of frames read (aux["loss"]) pushes it to skip. Inference takes the argmax skip length and
+runs dynamically: at each frame only the rows due to read are gathered and stepped.
+
+Early classification (a run-time knob, `model.stop_confidence` or forward(stop_confidence=...)):
+after every read the classifier also runs on the reading rows and a row whose top softmax
+probability reaches the threshold stops reading for good. Its per-read head cost is counted. With
+early_exit=True the classifier is trained on partial reads too (extra exits at 1/4, 1/2, 3/4 of
+each sequence), which makes early answers worth trusting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dynets.core.cost import measure_flops
+from dynets.core.outputs import DynamicOutput, MultiExitOutput
+from dynets.core.serialization import register_architecture
+from dynets.temporal.base import CELLS, RecurrentStack, check_sequences, check_threshold, valid_mask
+from dynets.train.estimators import budget_loss, gumbel_softmax
+
+__all__ = ["FrameSkipConfig", "FrameSkipRNN"]
+
+_EXIT_FRACTIONS = (0.25, 0.5, 0.75)
+
+
+@dataclass
+class FrameSkipConfig:
+    cell: str = "gru"
+    input_size: int = 1
+    num_classes: int = 2
+    hidden: int = 64
+    layers: int = 1
+    seq_len: int = 32  # reference length for input_shape and cost figures (any T runs)
+    max_skip: int = 4  # after a read, skip 0..max_skip frames
+    budget_weight: float = 0.01  # weight of the budget loss on the fraction of frames read
+    budget_target: float = 0.0  # read fraction that costs nothing (hinge)
+    tau: float = 1.0  # Gumbel-softmax temperature during training
+    early_exit: bool = False  # also train the classifier on partial reads (1/4, 1/2, 3/4)
+    stop_confidence: float | None = None  # run-time knob: stop reading at this confidence (None = never)
+
+    def __post_init__(self) -> None:
+        if self.cell not in CELLS:
+            raise ValueError(f"cell: expected one of {CELLS}, got {self.cell!r}")
+        for name in ("input_size", "hidden", "layers", "seq_len", "max_skip"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 2:
+            raise ValueError(f"num_classes: expected an int >= 2, got {self.num_classes!r}")
+        if self.tau <= 0 or self.budget_weight < 0 or not 0 <= self.budget_target <= 1:
+            raise ValueError(
+                f"tau > 0, budget_weight >= 0 and budget_target in [0, 1] expected, got "
+                f"{self.tau} / {self.budget_weight} / {self.budget_target}"
+            )
+        if self.stop_confidence is not None:
+            check_threshold("stop_confidence", self.stop_confidence)
+
+
+@register_architecture
+class FrameSkipRNN(nn.Module):
+    """Sequence classifier that reads some frames, skips others, and may stop early."""
+
+    config_class = FrameSkipConfig
+
+    def __init__(self, config: FrameSkipConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.stack = RecurrentStack(c.cell, c.input_size, c.hidden, c.layers)
+        self.skip_policy = nn.Linear(c.hidden, c.max_skip + 1)  # logits over skip lengths 0..max_skip
+        nn.init.zeros_(self.skip_policy.weight)
+        with torch.no_grad():  # start by reading most frames: skip length 0 favoured
+            self.skip_policy.bias.copy_(-torch.arange(c.max_skip + 1, dtype=torch.float32))
+        self.head = nn.Linear(c.hidden, c.num_classes)
+        self.input_shape = (c.seq_len, c.input_size)
+        self.num_classes = c.num_classes
+
+    @property
+    def stop_confidence(self) -> float | None:
+        return self.config.stop_confidence
+
+    @stop_confidence.setter
+    def stop_confidence(self, value: float | None) -> None:
+        self.config.stop_confidence = None if value is None else check_threshold("stop_confidence", value)
+
+    def unit_costs(self) -> dict[str, int]:
+        """FLOPs per sample of one read (cell stack), the skip policy, the classifier."""
+        if "_units" not in self.__dict__:
+            h = next(self.parameters()).new_zeros(1, self.config.hidden)
+            self.__dict__["_units"] = {
+                "step": self.stack.step_flops(),
+                "policy": measure_flops(self.skip_policy, h),
+                "head": measure_flops(self.head, h),
+            }
+        return self.__dict__["_units"]
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        *,
+        stop_confidence: float | None = None,
+    ) -> DynamicOutput | MultiExitOutput:
+        lengths = check_sequences(x, self.config.input_size, lengths)
+        conf = self.stop_confidence
+        if stop_confidence is not None:
+            conf = check_threshold("stop_confidence", stop_confidence)
+        if self.training:
+            return self.forward_train(x, lengths)
+        with torch.no_grad():
+            if x.shape[0] == 1:
+                return self._run_single(x, lengths, conf)
+            return self.run_dynamic(x, lengths, conf)
+
+    def forward_train(self, x: torch.Tensor, lengths: torch.Tensor | None) -> MultiExitOutput:
+        """Dense over rows and frames; hard Gumbel-softmax skip choices with straight-through gradients."""
+        B, T, _ = x.shape
+        K = self.config.max_skip
+        valid = valid_mask(lengths, B, T, x.device).to(x.dtype)
+        state = self.stack.init_state(B, x)
+        w = self.stack.prepare()  # per-layer weights laid out for step()
+        counter = torch.zeros(B, K + 1, dtype=x.dtype, device=x.device)
+        counter[:, 0] = 1.0  # read the first frame
+        reads, tops = [], []
+        for t in range(T):
+            r = counter[:, 0] * valid[:, t]  # (B,) exactly 0/1 forward
+            state = r[:, None, None] * self.stack.step(x[:, t], state, w) + (1 - r)[:, None, None] * state
+            logits = self.skip_policy(self.stack.top(state))  # (B, K+1) over skip lengths
+            choice = gumbel_softmax(logits, self.config.tau, hard=True)
+            shifted = torch.cat([counter[:, 1:], counter.new_zeros(B, 1)], 1)
+            counter = r[:, None] * choice + (1 - r)[:, None] * shifted
+            reads.append(r)
+            if self.config.early_exit:
+                tops.append(self.stack.top(state))
+        fraction = torch.stack(reads, 1).sum(1) / valid.sum(1)  # (B,)
+        exits = [self.head(self.stack.top(state))]
+        if self.config.early_exit and B:
+            n = valid.sum(1).long()  # (B,) valid frames
+            h = torch.stack(tops, 1)  # (B, T, H)
+            early = []
+            for f in _EXIT_FRACTIONS:
+                pos = ((n.to(x.dtype) * f).long() - 1).clamp(min=0)  # last frame of the first f of each
+                early.append(self.head(h[torch.arange(B, device=x.device), pos]))
+            exits = early + exits
+        aux = {"read_fraction": fraction.detach()}
+        if B:
+            c = self.config
+            aux["loss"] = c.budget_weight * budget_loss(fraction, c.budget_target, "hinge")
+        return MultiExitOutput(exits, aux=aux)
+
+    def _output(self, logits: torch.Tensor, read: torch.Tensor, stop: torch.Tensor, conf: float | None):
+        u = self.unit_costs()
+        n = read.sum(1)
+        per_read = u["step"] + u["policy"] + (u["head"] if conf is not None else 0)
+        stopped = (stop >= 0).double()  # an early stop already paid for its head in per_read
+        flops = n.double() * per_read + (1 - stopped) * u["head"]
+        return DynamicOutput(logits, flops=flops, decisions={"read": read, "num_reads": n, "stop_step": stop})
+
+    def run_dynamic(
+        self, x: torch.Tensor, lengths: torch.Tensor | None = None, stop_confidence: float | None = None
+    ) -> DynamicOutput:
+        """Compacting executor: at each frame only the rows due to read are gathered and stepped."""
+        B, T, _ = x.shape
+        read = torch.zeros(B, T, dtype=torch.bool, device=x.device)
+        stop = torch.full((B,), -1, dtype=torch.long, device=x.device)  # frame where a row stopped early
+        logits = x.new_zeros(B, self.num_classes)
+        if B == 0:
+            return self._output(logits, read, stop, stop_confidence)
+        valid = valid_mask(lengths, B, T, x.device).T.contiguous()  # (T, B)
+        steps = T if lengths is None else int(lengths.max())
+        state = self.stack.init_state(B, x)
+        w = self.stack.prepare()  # per-layer weights laid out for step()
+        countdown = torch.zeros(B, dtype=torch.long, device=x.device)  # frames left to skip
+        active = torch.ones(B, dtype=torch.bool, device=x.device)  # not stopped early
+        for t in range(steps):
+            due = (countdown == 0) & valid[t] & active  # (B,) rows that read frame t
+            idx = due.nonzero().squeeze(1)
+            if idx.numel():
+                new = self.stack.step(
+                    x[:, t].index_select(0, idx), state.index_select(0, idx), w
+                )  # (n, R, H)
+                state.index_copy_(0, idx, new)
+                top = self.stack.top(new)
+                countdown.index_copy_(0, idx, self.skip_policy(top).argmax(1))
+                read[idx, t] = True
+                if stop_confidence is not None:
+                    lg = self.head(top)
+                    done = lg.softmax(1).amax(1) >= stop_confidence
+                    if bool(done.any()):
+                        gone = idx[done]
+                        logits.index_copy_(0, gone, lg[done])
+                        stop.index_fill_(0, gone, t)
+                        active.index_fill_(0, gone, False)
+            countdown = torch.where(due, countdown, countdown - 1)
+        rest = active.nonzero().squeeze(1)
+        if rest.numel():
+            logits.index_copy_(0, rest, self.head(self.stack.top(state).index_select(0, rest)))
+        return self._output(logits, read, stop, stop_confidence)
+
+    def _run_single(self, x: torch.Tensor, lengths: torch.Tensor | None, conf: float | None) -> DynamicOutput:
+        """Batch size 1: jump straight from read to read; skipped frames are never touched."""
+        T = x.shape[1]
+        steps = T if lengths is None else int(lengths[0])
+        state, t, marks, stop, logits = self.stack.init_state(1, x), 0, [], -1, None
+        w = self.stack.prepare()  # per-layer weights laid out for step()
+        while t < steps:
+            state = self.stack.step(x[0, t : t + 1], state, w)
+            marks.append(t)
+            top = self.stack.top(state)
+            skip = int(self.skip_policy(top).argmax(1))
+            if conf is not None:
+                lg = self.head(top)
+                if float(lg.softmax(1).amax()) >= conf:
+                    logits, stop = lg, t
+                    break
+            t += 1 + skip
+        if logits is None:
+            logits = self.head(self.stack.top(state))
+        read = torch.zeros(1, T, dtype=torch.bool)
+        read[0, marks] = True
+        stop_t = torch.tensor([stop], dtype=torch.long, device=x.device)
+        return self._output(logits, read.to(x.device), stop_t, conf)
+
+    def run_dense(
+        self, x: torch.Tensor, lengths: torch.Tensor | None = None, stop_confidence: float | None = None
+    ) -> DynamicOutput:
+        """Reference: every row computed at every frame; the same decisions select what is kept."""
+        B, T, _ = x.shape
+        valid = valid_mask(lengths, B, T, x.device)
+        state = self.stack.init_state(B, x)
+        w = self.stack.prepare()  # per-layer weights laid out for step()
+        countdown = torch.zeros(B, dtype=torch.long, device=x.device)
+        active = torch.ones(B, dtype=torch.bool, device=x.device)
+        stop = torch.full((B,), -1, dtype=torch.long, device=x.device)
+        logits = x.new_zeros(B, self.num_classes)
+        read = []
+        for t in range(T):
+            due = (countdown == 0) & valid[:, t] & active
+            new = self.stack.step(x[:, t], state, w)
+            state = torch.where(due[:, None, None], new, state)
+            countdown = torch.where(due, self.skip_policy(self.stack.top(new)).argmax(1), countdown - 1)
+            if stop_confidence is not None:
+                lg = self.head(self.stack.top(new))
+                done = due & (lg.softmax(1).amax(1) >= stop_confidence)
+                logits = torch.where(done[:, None], lg, logits)
+                stop = torch.where(done, torch.full_like(stop, t), stop)
+                active = active & ~done
+            read.append(due)
+        logits = torch.where(active[:, None], self.head(self.stack.top(state)), logits)
+        return self._output(logits, torch.stack(read, 1), stop, stop_confidence)

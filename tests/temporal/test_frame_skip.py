@@ -1,0 +1,150 @@
+"""Frame skipping: dynamic reads vs independent references, skipped frames cost nothing, training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from dynets import create_model, load, save
+from dynets.core.outputs import DynamicOutput, MultiExitOutput
+
+
+def _model(cell: str = "gru", **kw) -> nn.Module:
+    torch.manual_seed(0)
+    m = create_model("frameskip_rnn", cell=cell, input_size=3, hidden=12, num_classes=4, max_skip=3, **kw)
+    with torch.no_grad():
+        m.skip_policy.weight.normal_(0, 3.0)  # skip choices that vary with the state
+        m.skip_policy.bias.zero_()
+    return m.eval()
+
+
+def _data(b: int = 8, t: int = 14, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, t, 3, generator=g), torch.randint(1, t + 1, (b,), generator=g)
+
+
+def _reference(
+    m: nn.Module, x: torch.Tensor, steps: int, conf: float | None
+) -> tuple[torch.Tensor, list[int]]:
+    """One sample: read a frame, jump over the chosen number of frames, maybe stop; plain loop."""
+    cfg = m.config
+    cell = (nn.LSTMCell if cfg.cell == "lstm" else nn.GRUCell)(cfg.input_size, cfg.hidden)
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        getattr(cell, name).data.copy_(getattr(m.stack.rnn, f"{name}_l0"))
+    h, c = torch.zeros(1, cfg.hidden), torch.zeros(1, cfg.hidden)
+    t, reads = 0, []
+    while t < steps:
+        if cfg.cell == "lstm":
+            h, c = cell(x[t : t + 1], (h, c))
+        else:
+            h = cell(x[t : t + 1], h)
+        reads.append(t)
+        logits = m.head(h)[0]
+        if conf is not None and float(logits.softmax(0).max()) >= conf:
+            return logits, reads
+        t += 1 + int(m.skip_policy(h).argmax())
+    return m.head(h)[0], reads
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("with_lengths", [False, True])
+@pytest.mark.parametrize("conf", [None, 0.3])
+def test_dynamic_equals_dense_and_per_sample_reference(cell, with_lengths, conf):
+    m = _model(cell)
+    x, lengths = _data()
+    lengths = lengths if with_lengths else None
+    out = m(x, lengths, stop_confidence=conf)
+    dense = m.run_dense(x, lengths, conf)
+    read = out.decisions["read"]
+    assert torch.equal(read, dense.decisions["read"])
+    assert torch.equal(out.decisions["stop_step"], dense.decisions["stop_step"])
+    torch.testing.assert_close(out.logits, dense.logits, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        for i in range(x.shape[0]):
+            steps = x.shape[1] if lengths is None else int(lengths[i])
+            logits, reads = _reference(m, x[i], steps, conf)
+            assert read[i].nonzero().squeeze(1).tolist() == reads
+            torch.testing.assert_close(out.logits[i], logits, atol=1e-5, rtol=1e-5)
+            single = m(x[i : i + 1], None if lengths is None else lengths[i : i + 1], stop_confidence=conf)
+            assert torch.equal(single.decisions["read"][0], read[i])  # the batch-1 path jumps
+            assert torch.equal(single.flops, out.flops[i : i + 1])
+            torch.testing.assert_close(single.logits[0], logits, atol=1e-5, rtol=1e-5)
+    if lengths is None and conf is None:
+        assert 0.2 < read.float().mean() < 0.9  # the policy really skips some frames
+
+
+def test_skipped_frames_cost_nothing_and_flops_are_units_run(monkeypatch):
+    m = _model()
+    x, lengths = _data()
+    m.unit_costs()
+    rows = []
+    step = m.stack.step
+    monkeypatch.setattr(m.stack, "step", lambda xt, s, *w: rows.append(xt.shape[0]) or step(xt, s, *w))
+    for conf in (None, 0.3):
+        rows.clear()
+        out = m(x, lengths, stop_confidence=conf)
+        n = out.decisions["num_reads"]
+        assert sum(rows) == int(n.sum()) < int(lengths.sum())
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            nn.GRUCell(3, 12)(torch.zeros(1, 3))
+        per_read = counter.get_total_flops() + 2 * 12 * 4 + (2 * 12 * 4 if conf else 0)  # cell, policy, head
+        stopped = (out.decisions["stop_step"] >= 0).double()
+        torch.testing.assert_close(out.flops, n.double() * per_read + (1 - stopped) * 2 * 12 * 4)
+    assert bool((out.decisions["stop_step"] >= 0).any())  # with conf 0.3 some rows stop early
+    monkeypatch.undo()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = m(x, lengths, stop_confidence=0.3)
+    assert counter.get_total_flops() == int(out.flops.sum())
+
+
+def test_budget_loss_reduces_reads_and_early_exits_train():
+    torch.manual_seed(0)
+    m = create_model("frameskip_rnn", input_size=1, hidden=8, budget_weight=3.0, early_exit=True)
+    x = torch.randn(48, 16, 1)
+    y = (x[:, :4, 0].mean(1) > 0).long()
+    m.eval()
+    before = float(m(x).decisions["read"].float().mean())
+    opt = torch.optim.Adam(m.parameters(), lr=0.05)
+    m.train()
+    for _ in range(20):
+        out = m(x)
+        assert isinstance(out, MultiExitOutput) and len(out.exit_logits) == 4  # 1/4, 1/2, 3/4, end
+        loss = sum(nn.functional.cross_entropy(z, y) for z in out.exit_logits) / 4 + out.aux["loss"]
+        opt.zero_grad()
+        loss.backward()
+        assert m.skip_policy.weight.grad.abs().sum() > 0  # the policy learns through Gumbel-softmax
+        opt.step()
+    m.eval()
+    after = float(m(x).decisions["read"].float().mean())
+    assert after < before - 0.2
+
+
+def test_save_load_knob_bad_input_and_empty_batch(tmp_path):
+    m = _model("lstm")
+    m.stop_confidence = 0.3
+    x, lengths = _data()
+    before = m(x, lengths)
+    save(m, tmp_path / "fs")
+    back = load(tmp_path / "fs")
+    after = back(x, lengths)
+    assert back.stop_confidence == 0.3 and torch.equal(before.logits, after.logits)
+    assert torch.equal(before.decisions["read"], after.decisions["read"])
+    for bad in (0.0, 1.01, -1):
+        with pytest.raises(ValueError, match="stop_confidence"):
+            m(x, stop_confidence=bad)
+    with pytest.raises(ValueError, match=r"expected shape \(B, T, F=3\)"):
+        m(x[..., :2])
+    with pytest.raises(ValueError, match="at least one step"):
+        m(x[:, :0])
+    out = m(x[:0])
+    assert (
+        isinstance(out, DynamicOutput)
+        and out.logits.shape == (0, 4)
+        and out.decisions["read"].shape == (0, 14)
+    )
+    with pytest.raises(ValueError, match="max_skip"):
+        create_model("frameskip_rnn", max_skip=0)

@@ -6,4 +6,7 @@
 # with the same settings only repeats evaluation and timing (do that on a quiet machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-.venv/bin/dynets bench early-exit --data cifar10 --epochs 12 --json benchmarks/results/early_exit_cifar10.json "$@"
+# Headline: recipe "finetune" (exits trained on the frozen static backbone, then the whole network
+# fine-tuned 10 epochs). Earlier recipes: --recipe frozen / joint with --json ..._frozen.json / _joint.json.
+.venv/bin/dynets bench early-exit --data cifar10 --epochs 12 --recipe finetune --finetune-epochs 10 \
+    --json benchmarks/results/early_exit_cifar10.json "$@"

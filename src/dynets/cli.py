@@ -315,6 +315,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model_kw=_model_kwargs(args.set),
         **extra,
     )
+    if args.finetune_epochs is not None:
+        if cfg.recipe != "finetune" or args.finetune_epochs < 1:
+            raise SystemExit(
+                f"bench early-exit: --finetune-epochs expects --recipe finetune and a count >= 1, got "
+                f"recipe {cfg.recipe!r} and {args.finetune_epochs}"
+            )
+        cfg.finetune_epochs = args.finetune_epochs
     r = run(cfg, json_path=args.json, out_dir=args.out, progress=not args.no_progress)
     print(json.dumps({k: r[k] if r[k] is None else round(r[k], 4) for k in HEADLINE_KEYS}, indent=2))
     return 0
@@ -475,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="exits trained on the frozen static backbone, jointly from scratch, or frozen then "
         "the whole network fine-tuned",
+    )
+    s.add_argument(
+        "--finetune-epochs", type=int, default=None, help="early-exit --recipe finetune: epochs (default 5)"
     )
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override (JSON value)")
     s.add_argument("--train-limit", type=int, default=None, help="bert: training sentences (default 12000)")

@@ -113,8 +113,6 @@ def test_sweep_rows_and_errors(model, data):
 
 
 def test_subnet_grid_restores_the_full_network(model, data):
-    if not callable(getattr(model, "set_subnet", None)):
-        pytest.skip("DynaBERT (set_subnet) not available")
     x, y = data
     grid = subnet_grid(model, x, y, [0.5, 1.0], [0.5, 1.0], policy=PatiencePolicy(1))
     assert model.subnet == (1.0, 1.0)

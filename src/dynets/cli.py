@@ -279,7 +279,7 @@ def cmd_bench_bert(args: argparse.Namespace) -> int:
 
     if args.set or args.recipe:
         raise SystemExit(
-            "bench bert: --set and --recipe are for early-exit (bert tries two_stage and distill)"
+            "bench bert: --set and --recipe are for early-exit (bert tries two_stage, distill and joint)"
         )
     extra: dict = {"epochs": args.epochs} if args.epochs else {}
     if args.train_limit:

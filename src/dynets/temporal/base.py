@@ -83,50 +83,41 @@ class RecurrentStack(nn.Module):
     def init_state(self, batch: int, like: torch.Tensor) -> torch.Tensor:
         return like.new_zeros(batch, self.state_rows, self.hidden)  # (B, R, H)
 
-    def prepare(self) -> list[tuple[torch.Tensor, ...]]:
-        """Per-layer weights laid out for `step`, made once per forward pass: transposed matrices
-        (so each step is a single addmm, no transpose op) and, for an LSTM, the two biases summed."""
+    def prepare(self) -> list[tuple[torch.Tensor | None, ...]]:
+        """Per-layer weights for `step`, made once per forward pass: (w_ih, w_hh, b_ih, b_hh); for an
+        LSTM the two biases are summed into one (b_hh None), which saves an add per step."""
         r, out = self.rnn, []
         for k in range(self.layers):
             w_ih, w_hh = getattr(r, f"weight_ih_l{k}"), getattr(r, f"weight_hh_l{k}")
             b_ih, b_hh = getattr(r, f"bias_ih_l{k}"), getattr(r, f"bias_hh_l{k}")
             if self.cell == "lstm":
-                out.append((w_ih.t(), w_hh.t(), b_ih + b_hh))
+                out.append((w_ih, w_hh, b_ih + b_hh, None))
             else:
-                out.append((w_ih.t(), w_hh.t(), b_ih, b_hh))
+                out.append((w_ih, w_hh, b_ih, b_hh))
         return out
 
     def step(
-        self, x: torch.Tensor, state: torch.Tensor, weights: list[tuple[torch.Tensor, ...]] | None = None
+        self,
+        x: torch.Tensor,
+        state: torch.Tensor,
+        weights: list[tuple[torch.Tensor | None, ...]] | None = None,
     ) -> torch.Tensor:
         """One time step for the rows given: x (b, F), state (b, R, H) -> new state (b, R, H).
 
-        The same arithmetic as torch's LSTM / GRU cells, written with as few ops as possible, since
-        at small batch sizes a step's cost is mostly per-op overhead."""
+        Each layer is one call of PyTorch's own cell (`torch.lstm_cell` / `torch.gru_cell`, the
+        arithmetic of nn.LSTM / nn.GRU, its gates computed in C++), since at small batch sizes a
+        step's cost is mostly per-op overhead."""
         w = self.prepare() if weights is None else weights
-        L, H = self.layers, self.hidden
-        if self.cell == "gru":
-            hs, inp = [], x
-            for k in range(L):
-                w_ih, w_hh, b_ih, b_hh = w[k]
-                h = state[:, k]
-                gi, gh = torch.addmm(b_ih, inp, w_ih), torch.addmm(b_hh, h, w_hh)  # (b, 3H): r, z, n
-                rz = torch.sigmoid(gi[:, : 2 * H] + gh[:, : 2 * H])
-                n = torch.tanh(torch.addcmul(gi[:, 2 * H :], rz[:, :H], gh[:, 2 * H :]))
-                inp = torch.lerp(n, h, rz[:, H:])  # (1 - z) * n + z * h
-                hs.append(inp)
-            return torch.stack(hs, 1)
-        hs, cs, inp = [], [], x
+        L = self.layers
+        inp, hs, cs = x, [], []
         for k in range(L):
-            w_ih, w_hh, b = w[k]
-            gates = torch.addmm(torch.addmm(b, state[:, k], w_hh), inp, w_ih)  # (b, 4H): i, f, g, o
-            s = torch.sigmoid(gates)
-            c = torch.addcmul(
-                s[:, H : 2 * H] * state[:, L + k], s[:, :H], torch.tanh(gates[:, 2 * H : 3 * H])
-            )
-            inp = s[:, 3 * H :] * torch.tanh(c)
+            w_ih, w_hh, b_ih, b_hh = w[k]
+            if self.cell == "gru":
+                inp = torch.gru_cell(inp, state[:, k], w_ih, w_hh, b_ih, b_hh)
+            else:
+                inp, c = torch.lstm_cell(inp, (state[:, k], state[:, L + k]), w_ih, w_hh, b_ih, b_hh)
+                cs.append(c)
             hs.append(inp)
-            cs.append(c)
         return torch.stack(hs + cs, 1)
 
     def top(self, state: torch.Tensor) -> torch.Tensor:

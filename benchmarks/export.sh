@@ -5,5 +5,5 @@
 # --quick: a digits model, a minute or two.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=1
-.venv/bin/python -m dynets.bench.deploy export --json benchmarks/results/export.json "$@"
+export OMP_NUM_THREADS=2
+.venv/bin/python -m dynets.bench.deploy export --threads 2 --json benchmarks/results/export.json "$@"

@@ -5,5 +5,5 @@
 # Writes benchmarks/results/quantization.{json,md}. --quick: a digits model, about a minute.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=1
-.venv/bin/python -m dynets.bench.deploy quantization --json benchmarks/results/quantization.json "$@"
+export OMP_NUM_THREADS=2
+.venv/bin/python -m dynets.bench.deploy quantization --threads 2 --json benchmarks/results/quantization.json "$@"

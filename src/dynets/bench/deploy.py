@@ -48,7 +48,8 @@ def bench_model(
     if not quick and (data in (None, "cifar10")):
         from dynets.data import load_dataset
 
-        for run in _cached("early_exit_cifar10-frozen-*"):
+        # the headline early-exit model (recipe finetune), else the frozen-recipe one
+        for run in _cached("early_exit_cifar10-finetune-*") + _cached("early_exit_cifar10-frozen-*"):
             try:
                 load_dataset("cifar10", "val", limit=1)
             except (FileNotFoundError, ValueError):
@@ -304,7 +305,7 @@ def run_quantization(model_dir: str, data: str, *, quick: bool = False, threads:
 
 def markdown_quantization(r: dict[str, Any]) -> str:
     lines = [
-        f"# Input-adaptive quantization ({r['data']}, {r['samples']} test samples, {r['threads']} thread)",
+        f"# Input-adaptive quantization ({r['data']}, {r['samples']} test samples, {r['threads']} thread(s))",
         "",
         "| variant | accuracy | mean MFLOPs | fp32 re-run | ms/sample b64 | ms/sample b1 | speed-up b64 "
         "| speed-up b1 |",
@@ -322,7 +323,7 @@ def markdown_quantization(r: dict[str, Any]) -> str:
 
 def markdown_export(r: dict[str, Any]) -> str:
     lines = [
-        f"# Export ({r['data']}, {r['samples']} test samples, {r['threads']} thread)",
+        f"# Export ({r['data']}, {r['samples']} test samples, {r['threads']} thread(s))",
         "",
         "| format | exits equal | max abs logit diff | batch | eager ms/sample | exported ms/sample "
         "| speed-up |",

@@ -88,6 +88,10 @@ class _OnnxGraphs:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # no busy-waiting between runs: the runtime calls many small graphs with Python in between,
+        # and spinning ORT threads would take the cores from that code (and from anything beside it)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.ort, self.opts, self.dir = ort, opts, directory
         self.providers = providers or ["CPUExecutionProvider"]
         self.sessions: dict[str, Any] = {}

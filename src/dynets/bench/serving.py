@@ -105,6 +105,7 @@ def run(
                     duration_s=seconds,
                     seed=seed,
                     warmup_s=min(2.0, seconds / 4),
+                    max_connections=max(1024, 4 * max_queue),  # overload must reach the server's queue
                 )
             )
             r["mean_batch_size"] = batch_mean(before, server.metrics())

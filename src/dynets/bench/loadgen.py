@@ -37,6 +37,10 @@ def percentile(values: list[float], q: float) -> float | None:
     return v[min(len(v) - 1, max(0, math.ceil(q / 100 * len(v)) - 1))]
 
 
+class _Stale(Exception):
+    """A kept-alive connection that the server closed while it was idle."""
+
+
 class _HTTPPool:
     """A minimal keep-alive HTTP/1.1 client on asyncio streams for POSTing pre-encoded JSON bodies.
 
@@ -62,30 +66,44 @@ class _HTTPPool:
 
     async def post(self, request: bytes) -> tuple[int, bytes]:
         async with self.slots:
-            conn = self.free.pop() if self.free else await asyncio.open_connection(self.host, self.port)
-            reader, writer = conn
-            try:
-                writer.write(request)
-                status = int((await reader.readline()).split()[1])
-                length, close = 0, False
-                while True:
-                    line = await reader.readline()
-                    if line in (b"\r\n", b"\n", b""):
-                        break
-                    name, _, value = line.decode("latin-1").partition(":")
-                    if name.strip().lower() == "content-length":
-                        length = int(value)
-                    elif name.strip().lower() == "connection" and "close" in value.lower():
-                        close = True
-                body = await reader.readexactly(length)
-            except BaseException:
+            while self.free:  # a kept-alive connection the server has closed meanwhile is retried on another
+                try:
+                    return await self._exchange(self.free.pop(), request)
+                except (_Stale, ConnectionError):
+                    continue
+            conn = await asyncio.open_connection(self.host, self.port)
+            return await self._exchange(conn, request)
+
+    async def _exchange(
+        self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], request: bytes
+    ) -> tuple[int, bytes]:
+        reader, writer = conn
+        try:
+            writer.write(request)
+            first = await reader.readline()
+            if not first:  # closed by the server before it read the request: nothing was processed
                 writer.close()
-                raise
-            if close:
-                writer.close()
-            else:
-                self.free.append(conn)
-            return status, body
+                raise _Stale
+            status = int(first.split()[1])
+            length, close = 0, False
+            while True:
+                line = await reader.readline()
+                if line in (b"\r\n", b"\n", b""):
+                    break
+                name, _, value = line.decode("latin-1").partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value)
+                elif name.strip().lower() == "connection" and "close" in value.lower():
+                    close = True
+            body = await reader.readexactly(length)
+        except BaseException:
+            writer.close()
+            raise
+        if close:
+            writer.close()
+        else:
+            self.free.append(conn)
+        return status, body
 
     def close(self) -> None:
         for _, writer in self.free:

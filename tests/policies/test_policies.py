@@ -112,3 +112,33 @@ def test_unknown_policy():
     with pytest.raises(ValueError, match="unknown policy kind"):
         policy_from_dict({"kind": "bar"})
     assert isinstance(make_policy("patience", 2.0), PatiencePolicy)
+
+
+@pytest.mark.parametrize("num_classes", [2, 10, 100])
+def test_step_single_decides_as_step_does(num_classes):
+    """The batch-1 decision (scalar maths for small class counts) equals the batched one."""
+    torch.manual_seed(num_classes)
+    logits = torch.randn(200, num_classes) * 3
+    learned = torch.rand(200)
+    policies = [
+        ConfidencePolicy([0.3, 0.6, 0.9]),
+        EntropyPolicy([0.8, 0.5, 0.2]),
+        LearnedPolicy(0.5),
+        PatiencePolicy(2),
+        NeverExitPolicy(),
+    ]
+    for policy in policies:
+        for k in range(3):
+            state = policy.init_state(200, logits.device)
+            if isinstance(policy, PatiencePolicy):  # half the samples agreed at the previous exit
+                state["prev"] = torch.where(torch.arange(200) % 2 == 0, logits.argmax(-1), -1)
+                state["count"] = torch.ones(200, dtype=torch.long)
+            lg = learned if policy.needs_learned else None
+            stop, new = policy.step(k, logits, state, lg)
+            for i in range(0, 200, 7):
+                one_state = {n: v[i : i + 1] for n, v in state.items()}
+                one, one_new = policy.step_single(
+                    k, logits[i : i + 1], one_state, None if lg is None else lg[i : i + 1]
+                )
+                assert isinstance(one, bool) and one == bool(stop[i]), (policy, k, i)
+                assert all(torch.equal(one_new[n], new[n][i : i + 1]) for n in new)

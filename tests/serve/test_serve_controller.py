@@ -19,14 +19,14 @@ SLO = 0.100
 PHASES = [(3.0, 150.0), (6.0, 900.0), (7.0, 150.0)]  # (duration s, arrivals per second)
 
 
-def simulate(adaptive: bool, seed: int = 0):
+def simulate(adaptive: bool, seed: int = 0, *, overhead=OVERHEAD, sec_full=SEC_FULL, phases=PHASES):
     """Poisson arrivals, one worker taking up to 32 queued samples per batch; returns per-request
     (arrival time, latency) and the level over time."""
     rng = random.Random(seed)
     ctrl = SLOController(COSTS, ControllerConfig(slo_s=SLO, batch_delay_s=0.0))
-    ctrl.observe_batch(SEC_FULL * 32, 32)  # the warm-up measurement
+    ctrl.calibrate([(32, overhead + sec_full * 32), (1, overhead + sec_full)])  # the warm-up measurements
     arrivals, t = [], 0.0
-    for duration, rate in PHASES:
+    for duration, rate in phases:
         end = t + duration
         while True:
             t += rng.expovariate(rate)
@@ -49,9 +49,9 @@ def simulate(adaptive: bool, seed: int = 0):
             next_tick = now + 0.05
         batch = [queue.popleft() for _ in range(min(32, len(queue)))]
         level = ctrl.level if adaptive else 0
-        seconds = OVERHEAD + SEC_FULL * COSTS[level] * len(batch)
+        seconds = overhead + sec_full * COSTS[level] * len(batch)
         now += seconds
-        ctrl.observe_batch(seconds, COSTS[level] * len(batch))
+        ctrl.observe_batch(seconds, COSTS[level] * len(batch), len(batch))
         for a in batch:
             done.append((a, now - a))
             ctrl.observe_latency(now, now - a)
@@ -90,6 +90,40 @@ def test_controller_moves_down_under_load_and_back_when_it_falls():
     assert level_at(levels, 15.9) == 0
     assert p95(window(done, 10.0, 16.0)) <= SLO
     assert ctrl.changes <= 12
+
+
+def test_controller_returns_to_the_accurate_point_when_batches_are_mostly_overhead():
+    """At light load batches hold one or two samples and their time is mostly fixed overhead; the
+    time model must not read that overhead as per-sample cost (else, once load has pushed it to a
+    cheap point, the accurate points look unaffordable at any load and it never moves back)."""
+    phases = [(3.0, 100.0), (5.0, 1500.0), (8.0, 100.0)]
+    kw = {"overhead": 0.004, "sec_full": 0.0008, "phases": phases}
+    fixed, _, _ = simulate(adaptive=False, **kw)
+    done, levels, ctrl = simulate(adaptive=True, **kw)
+    assert p95(window(fixed, 4.0, 8.0)) > 5 * SLO  # 1500/s overloads the most accurate point
+    assert level_at(levels, 5.0) >= 2 and p95(window(done, 4.0, 8.0)) <= SLO
+    assert level_at(levels, 15.9) == 0  # light load again: back at the most accurate point
+    assert p95(window(done, 9.0, 16.0)) <= SLO
+    overhead, spu = ctrl.overhead_s, ctrl.sec_per_unit
+    assert overhead == pytest.approx(0.004, rel=0.05) and spu == pytest.approx(0.0008, rel=0.05)
+
+
+def test_controller_time_model_fits_overhead_and_per_sample_cost():
+    ctrl = SLOController(COSTS, ControllerConfig(slo_s=SLO))
+    assert ctrl.sec_per_unit is None and ctrl.predicted_latency(0, 10) == 0.0
+    for n in (1, 2, 3, 1, 2, 8, 16, 4):  # seconds = 3 ms + 0.5 ms per unit of cost
+        ctrl.observe_batch(0.003 + 0.0005 * n * 0.5, n * 0.5, n)
+    assert ctrl.overhead_s == pytest.approx(0.003) and ctrl.sec_per_unit == pytest.approx(0.0005)
+    assert ctrl.estimate_batch_seconds(10, 0) == pytest.approx(0.003 + 10 * 0.0005)
+    same = SLOController(COSTS, ControllerConfig(slo_s=SLO))
+    same.calibrate([(1.0, 0.004), (32.0, 0.035)])  # anchors: 3 ms + 1 ms per unit
+    for _ in range(10):
+        same.observe_batch(0.005, 2.0, 2)  # one batch size only: the anchors keep the overhead
+    assert same.overhead_s == pytest.approx(0.003, rel=0.2) and same.sec_per_unit < 0.0015
+    with pytest.raises(ValueError, match="cost_units > 0"):
+        same.calibrate([(0.0, 0.1)])
+    with pytest.raises(ValueError, match="fit_batches"):
+        ControllerConfig(slo_s=1, fit_batches=1)
 
 
 def test_controller_holds_steady_load_without_flapping():

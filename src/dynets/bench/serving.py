@@ -111,10 +111,11 @@ def run(
             r["mean_batch_size"] = batch_mean(before, server.metrics())
             return r
 
-        # 2. R0: the pinned server's highest probed rate within the SLO
+        # 2. R0: the pinned server's highest probed rate within the SLO; the first rate over it is
+        # where the fixed server breaks the SLO
         server = ServerProcess(model_dir, fixed_args, threads=threads)
         try:
-            rate, r0 = start_rate or (20.0 if quick else 25.0), None
+            rate, r0, broke = start_rate or (20.0 if quick else 25.0), None, None
             while rate < 5000:
                 p = drive(server, rate, probe_s, seed=int(rate))
                 ok = p["p95_ms"] is not None and p["p95_ms"] <= slo_ms and p["errors"] == 0
@@ -129,6 +130,7 @@ def run(
                 elif r0 is None and rate > 2.0:  # even the first rate is too much: go down
                     rate /= 2
                 else:
+                    broke = rate
                     break
         finally:
             server.stop()
@@ -137,16 +139,18 @@ def run(
                 f"even {result['probes'][0]['rate']}/s breaks the SLO; lower --start-rate or raise --slo-ms"
             )
         result["r0"] = r0
-        # 3. both servers at R0, 2 R0, 4 R0
+        result["fixed_break_rate"] = broke
+        # 3. both servers at R0, 2 R0, 4 R0, and at twice the rate where the fixed one broke the SLO
+        loads = sorted({*multipliers, *([2 * broke / r0] if broke else [])})
         for name, args in (("fixed", fixed_args), ("adaptive", adaptive_args)):
             server = ServerProcess(model_dir, args, threads=threads)
             try:
-                for mult in multipliers:
+                for mult in loads:
                     r = drive(server, r0 * mult, duration_s, seed=int(100 * mult))
                     r.update(server=name, multiplier=mult)
                     result["rows"].append(r)
                     log(
-                        f"{name:8s} {mult:.0f}x ({r0 * mult:.0f}/s): p50 {r['p50_ms']} p95 {r['p95_ms']} p99 "
+                        f"{name:8s} {mult:.1f}x ({r0 * mult:.0f}/s): p50 {r['p50_ms']} p95 {r['p95_ms']} p99 "
                         f"{r['p99_ms']} ms, {r['throughput']:.1f}/s, acc {r['accuracy']}, "
                         f"errors {r['errors']}, lost {r['lost']}"
                     )
@@ -159,9 +163,16 @@ def run(
         return None if r is None or r["p95_ms"] is None else r["p95_ms"] <= slo_ms
 
     breaks = next((m for m in multipliers if within(rows.get(("fixed", m))) is False), None)
+    at_2x_break = (
+        None if not result.get("fixed_break_rate") else 2 * result["fixed_break_rate"] / result["r0"]
+    )
     result["summary"] = {
         "fixed_breaks_slo_at": breaks,
-        "adaptive_within_slo_at_2x_break": within(rows.get(("adaptive", 2 * breaks))) if breaks else None,
+        "fixed_break_rate": result.get("fixed_break_rate"),
+        "adaptive_load_at_2x_break": at_2x_break,
+        "adaptive_within_slo_at_2x_break": within(rows.get(("adaptive", at_2x_break)))
+        if at_2x_break
+        else None,
         "adaptive_within_slo": {str(m): within(rows.get(("adaptive", m))) for m in multipliers},
         "fixed_within_slo": {str(m): within(rows.get(("fixed", m))) for m in multipliers},
         "lost_requests": sum(r["lost"] for r in result["rows"]),
@@ -187,17 +198,20 @@ def markdown(r: dict[str, Any]) -> str:
 
     for row in r["rows"]:
         lines.append(
-            f"| {row['server']} | {row['multiplier']:.0f}x | {row['offered_rate']:.1f} | "
+            f"| {row['server']} | {row['multiplier']:.2g}x | {row['offered_rate']:.1f} | "
             f"{f(row['p50_ms'], '.1f')} | {f(row['p95_ms'], '.1f')} | {f(row['p99_ms'], '.1f')} | "
             f"{row['throughput']:.1f} | "
             f"{f(row['accuracy'] and 100 * row['accuracy'], '.2f')}% | {row['errors']} | {row['lost']} | "
             f"{f(row['mean_cost_fraction'], '.2f')} | {f(row['mean_batch_size'], '.1f')} |"
         )
     s = r["summary"]
+    brk = s.get("fixed_break_rate") or float("nan")
+    at2 = s.get("adaptive_load_at_2x_break") or float("nan")
     lines += [
         "",
-        f"Fixed server breaks the SLO at: {s['fixed_breaks_slo_at']}x; adaptive within the SLO at twice "
-        f"that load: {s['adaptive_within_slo_at_2x_break']}; lost requests: {s['lost_requests']}.",
+        f"Fixed server: within the SLO at {r['r0']:.1f}/s, over it at the next probed rate, "
+        f"{brk:.1f}/s. Adaptive server at twice that rate ({2 * brk:.1f}/s = {at2:.2f}x R0): "
+        f"within the SLO: {s['adaptive_within_slo_at_2x_break']}; lost requests: {s['lost_requests']}.",
     ]
     return "\n".join(lines) + "\n"
 

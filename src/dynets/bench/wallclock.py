@@ -3,6 +3,10 @@
 Machines are noisy, so absolute times mean little; what counts is the ratio of the two measured
 side by side. Each round times one full pass of the static model over the batches and one of the
 dynamic model (the order flips every round), and the median per-pass time of each is compared.
+With `chunks` > 1 a round alternates the two over consecutive groups of batches (static on group
+1, dynamic on group 1, dynamic on group 2, static on group 2, ...) and sums each side's groups, so
+a burst of load from elsewhere on the machine (they come and go over tens of milliseconds on a
+shared VM) falls on both sides alike instead of on whichever pass it happened to hit.
 """
 
 from __future__ import annotations
@@ -29,24 +33,34 @@ def compare_wallclock(
     *,
     rounds: int = 7,
     warmup: int = 1,
+    chunks: int = 1,
 ) -> dict[str, float]:
     """Median seconds per pass of each, samples/s of each, and speedup = static / dynamic time."""
     if not batches:
         raise ValueError("compare_wallclock: expected at least one batch, got none")
     if rounds < 1:
         raise ValueError(f"rounds: expected >= 1, got {rounds}")
+    if chunks < 1:
+        raise ValueError(f"chunks: expected >= 1, got {chunks}")
     n = sum(int(b.shape[0]) for b in batches)
     for _ in range(warmup):
         _timed_pass(static_fn, batches[:2])
         _timed_pass(dynamic_fn, batches[:2])
+    k = min(chunks, len(batches))
+    bounds = [round(i * len(batches) / k) for i in range(k + 1)]
+    groups = [batches[a:b] for a, b in zip(bounds, bounds[1:])]
     ts, td = [], []
     for r in range(rounds):
-        if r % 2 == 0:
-            ts.append(_timed_pass(static_fn, batches))
-            td.append(_timed_pass(dynamic_fn, batches))
-        else:
-            td.append(_timed_pass(dynamic_fn, batches))
-            ts.append(_timed_pass(static_fn, batches))
+        s_total = d_total = 0.0
+        for g, group in enumerate(groups):
+            if (r + g) % 2 == 0:
+                s_total += _timed_pass(static_fn, group)
+                d_total += _timed_pass(dynamic_fn, group)
+            else:
+                d_total += _timed_pass(dynamic_fn, group)
+                s_total += _timed_pass(static_fn, group)
+        ts.append(s_total)
+        td.append(d_total)
     s, d = statistics.median(ts), statistics.median(td)
     return {
         "static_s": s,
@@ -56,6 +70,7 @@ def compare_wallclock(
         "speedup": s / d,
         "samples": n,
         "rounds": rounds,
+        "chunks": k,
     }
 
 

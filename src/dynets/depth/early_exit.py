@@ -25,15 +25,17 @@ from torch import nn
 
 from dynets.core.cost import cumulative_exit_costs, measure_flops
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
+from dynets.core.tensors import all_finite, take_rows
+from dynets.depth.heads import fuse_chain
 from dynets.policies.exit_policies import ConfidencePolicy, ExitPolicy, ThresholdPolicy
 
 Features = Any  # a Tensor, or a (nested) list/tuple of Tensors for multi-scale backbones
 
 
 def index_select_tree(h: Features, index: torch.Tensor) -> Features:
-    """index_select along dim 0 through tensors nested in lists / tuples / dicts."""
+    """index_select along dim 0 through tensors nested in lists / tuples / dicts (NHWC stays NHWC)."""
     if isinstance(h, torch.Tensor):
-        return h.index_select(0, index)
+        return take_rows(h, index)
     if isinstance(h, (list, tuple)):
         return type(h)(index_select_tree(v, index) for v in h)
     if isinstance(h, dict):
@@ -184,7 +186,7 @@ class EarlyExitNetwork(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"input: expected a floating-point tensor, got dtype {x.dtype}")
-        if x.numel() and not torch.isfinite(x).all():
+        if not all_finite(x):
             raise ValueError("input: expected finite values, got NaN or inf")
 
     # ---------------------------------------------------------------- backbone freezing
@@ -219,7 +221,8 @@ class EarlyExitNetwork(nn.Module):
 
     def optimize_for_inference(self) -> EarlyExitNetwork:
         """An inference-only copy: BatchNorm folded into the preceding convs (torch.fx) and NHWC
-        (channels_last) tensors, which run small convolutions much faster on CPU. Outputs and
+        (channels_last) tensors, which run small convolutions much faster on CPU; exit heads that
+        are plain layer chains run as one fused call (`fuse_chain`). Outputs and
         per-sample FLOPs are those of the original (up to float rounding). Apply it to the static
         baseline too when comparing speed, so both sides get the same treatment."""
         from torch.fx.experimental.optimization import fuse
@@ -233,7 +236,7 @@ class EarlyExitNetwork(nn.Module):
         self.unit_costs()  # measured on the original modules, kept by the copy
         fast = copy.deepcopy(self).eval()
         fast.stages = nn.ModuleList(try_fuse(s) for s in fast.stages)
-        fast.heads = nn.ModuleList(try_fuse(h) for h in fast.heads)
+        fast.heads = nn.ModuleList(fuse_chain(try_fuse(h)) for h in fast.heads)
         fast.to(memory_format=torch.channels_last)
         fast.inference_only = True
         return fast
@@ -417,10 +420,11 @@ class EarlyExitNetwork(nn.Module):
             logits = self.heads[k](h)
             if k < K - 1:
                 learned = self.exit_predictors[k](logits) if policy.needs_learned else None
-                stop, state = policy.step(k, logits, state, learned)
-                if not bool(stop[0]):
+                stop, state = policy.step_single(k, logits, state, learned)
+                if not stop:
                     continue
-            return DynamicOutput(logits, torch.tensor([k]), costs[k : k + 1].clone())
+            exit_index = torch.full((1,), k, dtype=torch.long, device=logits.device)
+            return DynamicOutput(logits, exit_index, costs[k : k + 1].clone())
         raise RuntimeError("unreachable: the last exit always stops")
 
     def forward_static(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from torch import nn
 
 from dynets.core.cost import measure_flops
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
+from dynets.core.tensors import all_finite, take_rows
 from dynets.train.estimators import budget_loss, gumbel_softmax, straight_through_bernoulli
 
 ESTIMATORS = ("gumbel", "straight_through")
@@ -49,15 +50,8 @@ def check_input(x: Any, input_shape: Sequence[int], name: str = "input") -> None
         raise ValueError(f"{name}: expected shape (B, {shape}), got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
-    if x.numel() and not torch.isfinite(x).all():
+    if not all_finite(x):
         raise ValueError(f"{name}: expected finite values, got NaN or inf")
-
-
-def take_rows(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """h.index_select(0, idx), keeping NHWC (channels_last) tensors NHWC (index_select returns NCHW)."""
-    if h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last):
-        return h[idx]
-    return h.index_select(0, idx)
 
 
 class SkipPolicy:

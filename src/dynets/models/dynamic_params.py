@@ -19,6 +19,7 @@ from dynets.core.cost import measure_flops
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
 from dynets.core.registry import register_model
 from dynets.core.serialization import register_architecture
+from dynets.core.tensors import all_finite
 from dynets.models.resnet import BasicBlock, Normalize
 from dynets.params.dynamic_conv import DynamicConv2d
 from dynets.params.hypernet import HyperLinear
@@ -42,7 +43,7 @@ def check_model_input(x: torch.Tensor, input_shape: Sequence[int]) -> None:
         raise ValueError(f"input: expected shape {want}, got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"input: expected a floating-point tensor, got dtype {x.dtype}")
-    if x.numel() and not torch.isfinite(x).all():
+    if not all_finite(x):
         raise ValueError("input: expected finite values, got NaN or inf")
 
 

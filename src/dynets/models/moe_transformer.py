@@ -34,6 +34,7 @@ from dynets.core.cost import measure_flops
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
 from dynets.core.registry import register_model
 from dynets.core.serialization import register_architecture
+from dynets.core.tensors import all_finite
 from dynets.text.bert_costs import LengthCost, fit_length_cost
 from dynets.width.moe import ACTIVATIONS, FeedForward, MoE, MoEConfig, MoEStats
 
@@ -246,7 +247,7 @@ class MoETransformer(nn.Module):
                 raise ValueError(f"input: expected floating-point features, got {x.dtype}")
             if x.shape[0] and x.shape[1] == 0:
                 raise ValueError("input: expected at least one step per sequence (T >= 1), got T = 0")
-            if x.numel() and not bool(torch.isfinite(x).all()):
+            if not all_finite(x):
                 raise ValueError("input: expected finite features, got NaN or inf")
             lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
         if x.shape[0]:

@@ -26,6 +26,7 @@ from dynets.core.cost import measure_flops
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
 from dynets.core.registry import register_model
 from dynets.core.serialization import register_architecture
+from dynets.core.tensors import all_finite
 from dynets.models.resnet import Normalize
 
 _EAGER = False  # set by eager_attention(): the attention core runs as matmul-softmax-matmul
@@ -172,7 +173,7 @@ def check_images(x: object, input_shape: tuple[int, ...]) -> None:
         )
     if not x.is_floating_point():
         raise TypeError(f"input: expected a floating-point tensor, got dtype {x.dtype}")
-    if x.numel() and not torch.isfinite(x).all():
+    if not all_finite(x):
         raise ValueError("input: expected finite values, got NaN or inf")
 
 

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 State = dict[str, torch.Tensor]
+_SCALAR_CLASSES = 64  # up to this many classes, batch-1 decisions are computed on Python floats
 
 
 class ExitPolicy:
@@ -35,6 +36,15 @@ class ExitPolicy:
     ) -> tuple[torch.Tensor, State]:
         """Return (stop (B,) bool, new state) for the samples still running at exit k."""
         raise NotImplementedError
+
+    def step_single(
+        self, k: int, logits: torch.Tensor, state: State, learned: torch.Tensor | None = None
+    ) -> tuple[bool, State]:
+        """`step` for one sample (logits (1, C)), the decision as a Python bool: the batch-1 path
+        calls this, and policies override it with a few scalar operations instead of a chain of
+        tensor ops (each ~10 us of fixed overhead, which at batch 1 is most of a policy step)."""
+        stop, state = self.step(k, logits, state, learned)
+        return bool(stop[0]), state
 
     def to_dict(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -86,6 +96,13 @@ class ThresholdPolicy(ExitPolicy):
     def step(self, k, logits, state, learned=None):
         return self.score(logits, learned) >= self.score_threshold(self.threshold_at(k)), state
 
+    def score_single(self, logits: torch.Tensor, learned: torch.Tensor | None = None) -> float:
+        """score() of one sample as a float (subclasses compute it without tensor ops)."""
+        return float(self.score(logits, learned)[0])
+
+    def step_single(self, k, logits, state, learned=None):
+        return self.score_single(logits, learned) >= self.score_threshold(self.threshold_at(k)), state
+
     def to_dict(self) -> dict[str, Any]:
         t = self.thresholds[0] if len(self.thresholds) == 1 else list(self.thresholds)
         return {"kind": self.kind, "threshold": t}
@@ -98,6 +115,13 @@ class ConfidencePolicy(ThresholdPolicy):
 
     def score(self, logits, learned=None):
         return logits.float().softmax(dim=-1).amax(dim=-1)
+
+    def score_single(self, logits, learned=None):
+        if logits.shape[-1] > _SCALAR_CLASSES:
+            return super().score_single(logits, learned)
+        z = logits[0].tolist()
+        m = max(z)
+        return 1.0 / sum(math.exp(v - m) for v in z)  # max softmax probability
 
 
 class EntropyPolicy(ThresholdPolicy):
@@ -127,6 +151,17 @@ class EntropyPolicy(ThresholdPolicy):
         # Compare in entropy units (few ops: this runs at every exit of every batch).
         limit = self.threshold_at(k) * math.log(max(logits.shape[-1], 2))
         return self._entropy(logits) <= limit, state
+
+    def step_single(self, k, logits, state, learned=None):
+        C = logits.shape[-1]
+        if C > _SCALAR_CLASSES:
+            return super().step_single(k, logits, state, learned)
+        z = logits[0].tolist()
+        m = max(z)
+        e = [math.exp(v - m) for v in z]
+        total = sum(e)
+        entropy = -sum(q * math.log(q) for q in (v / total for v in e) if q > 0)
+        return entropy <= self.threshold_at(k) * math.log(max(C, 2)), state
 
 
 class LearnedPolicy(ThresholdPolicy):

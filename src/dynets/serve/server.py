@@ -241,7 +241,7 @@ class InferenceServer:
 
     def on_batch(self, batch: list[Item], seconds: float) -> None:
         units = sum(it.info.get("cost_fraction", 1.0) for it in batch if not it.info.get("failed"))
-        self.controller.observe_batch(seconds, units)
+        self.controller.observe_batch(seconds, units, len(batch))
         self.m_batch.observe(len(batch))
         self.m_batch_s.observe(seconds)
         if self.adaptive:
@@ -361,20 +361,24 @@ class InferenceServer:
                     self.m_decisions.inc(c, name=name, value=f"unit{unit}")
 
     def warmup(self) -> None:
-        """One full batch at the most accurate point: warms the kernels and seeds the time estimate."""
+        """Full batches and single samples at the most accurate point: warms the kernels and anchors
+        the controller's time model (per-batch overhead and per-sample cost)."""
         torch.set_num_threads(self.config.threads)
         x = self._example_batch(self.config.max_batch_size)
         if x is None:
             return
         policy = self.ladder.points[0].policy if self.served.supports_policy else None
-        for _ in range(2):
-            start = time.perf_counter()
-            out = self.served.forward(x, policy)
-            seconds = time.perf_counter() - start
-        full = self.served.full_cost(x)
-        units = float((out.flops / full).sum()) if full is not None else float(x.shape[0])
-        self.controller.sec_per_unit = None
-        self.controller.observe_batch(seconds, units)
+        anchors = []
+        for xb in (x, x[:1]):
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                out = self.served.forward(xb, policy)
+                times.append(time.perf_counter() - start)
+            full = self.served.full_cost(xb)
+            units = float((out.flops / full).sum()) if full is not None else float(xb.shape[0])
+            anchors.append((units, min(times[1:])))
+        self.controller.calibrate(anchors)
 
     def _example_batch(self, n: int) -> torch.Tensor | None:
         gen = torch.Generator().manual_seed(0)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dynets.core.cost import measure_flops
+from dynets.core.tensors import all_finite
 
 CELLS = ("lstm", "gru")
 
@@ -35,7 +36,7 @@ def check_sequences(x: object, input_size: int, lengths: object = None) -> torch
         raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
     if x.shape[1] < 1:
         raise ValueError(f"x: expected sequences of at least one step, got T = {x.shape[1]}")
-    if x.numel() and not torch.isfinite(x).all():
+    if not all_finite(x):
         raise ValueError("x: expected finite values, got NaN or inf")
     if lengths is None:
         return None

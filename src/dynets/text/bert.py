@@ -509,8 +509,8 @@ class DynamicBert(nn.Module):
             logits = self.heads[i](h, valid)  # (1, C)
             if k < K - 1:
                 learned = self.exit_predictors[i](logits) if policy.needs_learned else None
-                stop, state = policy.step(k, logits, state, learned)
-                if not bool(stop[0]):
+                stop, state = policy.step_single(k, logits, state, learned)
+                if not stop:
                     continue
             exit_index = torch.tensor([k], device=x.device)
             flops = self.sample_flops(lengths, exit_index, policy.needs_learned)

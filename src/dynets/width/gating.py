@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynets.core.cost import measure_flops
+from dynets.core.tensors import all_finite
 from dynets.train.estimators import gumbel_softmax, sample_gumbel
 
 
@@ -120,7 +121,7 @@ def _check(x: Any, dims: int, channels: int, name: str, what: str) -> None:
         raise ValueError(f"{name}: expected {what} with {channels} channels, got {got}")
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
-    if x.numel() and not torch.isfinite(x).all():
+    if not all_finite(x):
         raise ValueError(f"{name}: expected finite values, got NaN or inf")
 
 

@@ -39,7 +39,8 @@ from torch import nn
 
 from dynets.core.cost import measure_flops
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
-from dynets.depth.skipping import check_input, take_rows
+from dynets.core.tensors import take_rows
+from dynets.depth.skipping import check_input
 
 POLICY_FILE = "width_policy.json"
 

@@ -1,0 +1,27 @@
+"""Small tensor helpers shared by the dynamic executors."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def take_rows(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """h.index_select(0, idx), keeping NHWC (channels_last) tensors NHWC.
+
+    index_select returns NCHW-contiguous rows, which the next convolution of an NHWC model would
+    convert back (a copy per stage); selecting on the NHWC view is one copy and keeps the layout
+    (and is several times faster than advanced indexing, which also keeps it)."""
+    if h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last):
+        return h.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
+    return h.index_select(0, idx)
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True if x has no NaN or inf. One reduction on the common path: NaN and inf propagate into
+    the sum; only a non-finite sum (an overflow of finite values, or a real NaN/inf) pays for the
+    exact element-wise check."""
+    if x.numel() == 0:
+        return True
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())

@@ -146,6 +146,12 @@ def test_controller_reacts_to_observed_latency_and_validates_config():
         ctrl.observe_latency(0.01 * k, 0.3)  # ... but requests take 3x the SLO
     ctrl.update(0.2, queue_depth=0)
     assert ctrl.level == 1
+    for k in range(20, 40):
+        ctrl.observe_latency(0.05 * k, 0.3)  # still slow, but the window still holds the old spell
+    ctrl.update(1.0, queue_depth=0)
+    assert ctrl.level == 1  # one p95-driven step per window, not one per tick
+    ctrl.update(2.3, queue_depth=0)
+    assert ctrl.level == 2  # a whole window later and still over the SLO: one more
     with pytest.raises(ValueError, match="latency SLO"):
         ControllerConfig(slo_s=0)
     with pytest.raises(ValueError, match="target_utilization"):

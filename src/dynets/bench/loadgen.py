@@ -272,6 +272,10 @@ class ServerProcess:
         httpx = require("httpx", "the serving benchmark")
         return httpx.get(f"{self.base}/metrics", timeout=10).text
 
+    def info(self) -> dict:
+        httpx = require("httpx", "the serving benchmark")
+        return httpx.get(f"{self.base}/info", timeout=10).json()
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -109,6 +109,11 @@ def run(
                 )
             )
             r["mean_batch_size"] = batch_mean(before, server.metrics())
+            ctrl = server.info().get("controller")  # adaptive server: its state as the row ends
+            if ctrl:
+                r["controller"] = {
+                    k: ctrl.get(k) for k in ("level", "sec_per_unit", "overhead_s", "mean_batch")
+                }
             return r
 
         # 2. R0: the pinned server's highest probed rate within the SLO; the first rate over it is

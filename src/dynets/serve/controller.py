@@ -18,10 +18,11 @@ and on each `update(now, queue_depth)` picks the most accurate level L with
   utilisation   rate * (sec_per_unit * cost[L] + overhead / mean_batch)  <= target_utilization
   queue drain   overhead + (queue + 1) * sec_per_unit * cost[L] + delay  <= latency_headroom * SLO
 
-If the observed p95 already exceeds the SLO it goes at least one level cheaper than now. Moving
-cheaper happens at once; moving back to a more accurate level goes one step at a time, only after
-`hold_s` without a change, with p95 well inside the SLO and the utilisation at the more accurate
-level below `up_margin` * target (hysteresis, so the point does not flap at a load boundary).
+If the observed p95 exceeds the SLO it goes at least one level cheaper than now (at most once per
+window: a single slow spell keeps the window's p95 high until it has passed). Moving cheaper
+happens at once; moving back goes to the most accurate level whose utilisation is below
+`up_margin` * target, only after `hold_s` without a change and with p95 well inside the SLO
+(hysteresis, so the point does not flap at a load boundary).
 """
 
 from __future__ import annotations
@@ -203,14 +204,17 @@ class SLOController:
             return self.level
         rate, p95 = self.arrival_rate(now), self.p95(now)
         want = next((L for L in range(last + 1) if self._fits(L, rate, queue_depth)), last)
-        if p95 is not None and p95 > c.slo_s and now - self.last_change >= c.window_s / 4:
+        # The observed p95 is a backstop for what the time model misses; one slow spell keeps it
+        # high for a whole window, so it forces at most one step per window.
+        if p95 is not None and p95 > c.slo_s and now - self.last_change >= c.window_s:
             want = max(want, min(self.level + 1, last))
         if want > self.level:
             self._set(want, now)
         elif want < self.level and now - self.last_change >= c.hold_s:
-            up = self.level - 1
             calm = p95 is None or p95 <= c.p95_up_fraction * c.slo_s
-            if calm and self._fits(up, rate, queue_depth, c.up_margin):
+            # straight to the most accurate level that fits with the margin (not one step a hold)
+            up = next((L for L in range(self.level) if self._fits(L, rate, queue_depth, c.up_margin)), None)
+            if calm and up is not None:
                 self._set(up, now)
         return self.level
 

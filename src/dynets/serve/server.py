@@ -395,4 +395,6 @@ class InferenceServer:
             "adaptive": self.adaptive,
             "ladder": self.ladder.to_dict() if self.served.supports_policy else None,
             "operating_point": self.operating_point(),
+            # the controller's view: load, p95, its time model (overhead + seconds per unit of cost)
+            "controller": self.controller.state(time.perf_counter()) if self.adaptive else None,
         }

@@ -29,7 +29,6 @@ length-sorted batches (batch 32) or single sentences (batch 1).
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -38,6 +37,8 @@ from typing import Any
 
 import torch
 
+from dynets.bench.common import cache_key as _key
+from dynets.bench.common import log
 from dynets.bench.evaluate import DEFAULT_SWEEPS
 from dynets.bench.plots import plot_pareto
 from dynets.bench.text_eval import (
@@ -141,11 +142,7 @@ class BertBenchConfig:
 
 
 def _log(msg: str) -> None:
-    print(f"[bench bert {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _key(obj: object) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    log(msg, tag="bench bert")
 
 
 # ------------------------------------------------------------------------------------------ data

@@ -11,7 +11,6 @@ the multi-exit one adds exit heads and self-distillation), then on the test set 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from dynets.bench.common import cache_key as _key
+from dynets.bench.common import log as _log
 from dynets.bench.evaluate import collect, format_table, sweep
 from dynets.bench.plots import plot_examples_by_exit, plot_pareto
 from dynets.bench.wallclock import compare_wallclock, split_batches
@@ -89,10 +90,6 @@ def _validated_static(model: torch.nn.Module):
         return model.forward_static(x)
 
     return run
-
-
-def _log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def run(
@@ -300,10 +297,6 @@ def run(
     md = _markdown(result, rows, static_row)
     atomic_write_bytes(out / f"{stem}.md", md.encode())
     return result
-
-
-def _key(obj: object) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _trained(path: Path, name: str, kw: dict, data, tc: TrainConfig, seed: int, backbone=None, start=None):

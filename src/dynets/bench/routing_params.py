@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dynets.bench.common import cache_key as _key
+from dynets.bench.common import log as _log
 from dynets.bench.plots import plot_pareto
 from dynets.bench.wallclock import compare_wallclock, split_batches
 from dynets.core.registry import create_model
@@ -90,14 +91,6 @@ class RoutingParamsBenchConfig:
             self.route_sweep = (0.75, 0.9, 1.0)
         if not 0 < self.route_budget <= 1:
             raise ValueError(f"route_budget: expected a fraction in (0, 1], got {self.route_budget}")
-
-
-def _log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _key(obj: object) -> str:  # the same hashing as the early-exit benchmark's cache
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _trained(path: Path, name: str, kw: dict, data, tc: TrainConfig, seed: int):

@@ -31,7 +31,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from dynets.bench.early_exit import _key, _trained  # noqa: E402  (shared cache of static models)
+from dynets.bench.common import cache_key as _key  # noqa: E402  (shared cache of static models)
+from dynets.bench.common import log as _log  # noqa: E402
+from dynets.bench.early_exit import _trained  # noqa: E402
 from dynets.bench.wallclock import compare_wallclock, split_batches  # noqa: E402
 from dynets.core.registry import create_model  # noqa: E402
 from dynets.core.serialization import atomic_write_bytes, load, save  # noqa: E402
@@ -93,10 +95,6 @@ class SkipWidthBenchConfig:
         for name in ("skip_recipe", "slim_recipe"):
             if getattr(self, name) not in ("finetune", "scratch"):
                 raise ValueError(f"{name}: expected 'finetune' or 'scratch', got {getattr(self, name)!r}")
-
-
-def _log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def _cached(path: Path, build, fit):

@@ -21,7 +21,6 @@ Run: `python -m dynets.bench.spatial --json benchmarks/results/vit_cifar10.json`
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from dynets.bench.common import cache_key as _key
+from dynets.bench.common import log as _log
 from dynets.bench.evaluate import collect, sweep
 from dynets.bench.plots import _save, plot_pareto, plt
 from dynets.bench.wallclock import compare_wallclock, split_batches
@@ -94,14 +95,6 @@ class SpatialBenchConfig:
             self.b1_samples = min(self.b1_samples, 40)
             self.b64_samples = min(self.b64_samples, 256)
             self.rounds = min(self.rounds, 3)
-
-
-def _log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _key(obj: object) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _trained(path: Path, build: Callable[[], torch.nn.Module], data, tc: TrainConfig, seed: int, name: str):

@@ -21,7 +21,6 @@ Run: python -m dynets.bench.temporal [--quick] [--json PATH]  (or benchmarks/ski
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import time
@@ -35,6 +34,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from dynets.bench.common import cache_key as _key
+from dynets.bench.common import log as _log  # noqa: E402
 from dynets.bench.wallclock import compare_wallclock  # noqa: E402
 from dynets.core.registry import create_model  # noqa: E402
 from dynets.core.serialization import atomic_write_bytes, load, save  # noqa: E402
@@ -89,14 +90,6 @@ class SkipRNNBenchConfig:
             self.b64_samples = min(self.b64_samples, 512)
             self.b1_samples = min(self.b1_samples, 30)
             self.rounds = min(self.rounds, 3)
-
-
-def _log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _key(obj: object) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _framed(ds, k: int):

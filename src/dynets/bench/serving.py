@@ -96,7 +96,7 @@ def run(
 
         def drive(server: ServerProcess, rate: float, seconds: float, seed: int) -> dict[str, Any]:
             before = server.metrics()
-            r = asyncio.run(
+            r = run_fast(
                 generate_load(
                     f"{server.base}/predict",
                     bodies,
@@ -183,6 +183,17 @@ def run(
         "lost_requests": sum(r["lost"] for r in result["rows"]),
     }
     return result
+
+
+def run_fast(coro: Any) -> Any:
+    """asyncio.run on uvloop where it is installed (the serve extra brings it): the load generator
+    shares the machine's cores with the server, so its own per-request CPU counts against both."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
 
 
 def markdown(r: dict[str, Any]) -> str:

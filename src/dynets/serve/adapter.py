@@ -205,7 +205,7 @@ class ServedModel:
                 "PNG inputs need pillow (pip install pillow); send nested lists instead"
             ) from None
         try:
-            img = Image.open(io.BytesIO(raw))
+            img = Image.open(io.BytesIO(raw), formats=("PNG",))  # no probing of other formats
             if img.width * img.height > MAX_IMAGE_PIXELS_FACTOR * h * w:
                 raise InputError(f"inputs[{i}]: expected a {w}x{h} PNG, got {img.width}x{img.height}")
             img.load()
@@ -215,7 +215,8 @@ class ServedModel:
             raise InputError(f"inputs[{i}]: the PNG could not be decoded ({e})") from None
         if img.size != (w, h):
             raise InputError(f"inputs[{i}]: expected a {w}x{h} PNG, got {img.width}x{img.height}")
-        arr = np.asarray(img.convert("L" if c == 1 else "RGB"), dtype=np.float32) / 255.0
+        mode = "L" if c == 1 else "RGB"
+        arr = np.asarray(img if img.mode == mode else img.convert(mode), dtype=np.float32) / 255.0
         arr = arr[None] if c == 1 else arr.transpose(2, 0, 1)
         if arr.shape[0] != c:
             raise InputError(f"inputs[{i}]: expected {c} channels, PNG gives {arr.shape[0]}")

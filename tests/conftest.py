@@ -45,3 +45,23 @@ def _require_shared_fixture() -> Callable[[str], Path]:
 def shared_root() -> Path:
     """The shared data root (skips locally, fails in CI, when there is none)."""
     return require_shared("")
+
+
+# In CI nothing may skip: a missing optional extra (transformers, fastapi, ...) or missing shared
+# data must show as a failure there, so a skip at collection or at run time is turned into one.
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    if _in_ci() and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = f"CI forbids skipped tests; {collector.nodeid} was skipped: {report.longrepr}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if _in_ci() and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"CI forbids skipped tests; {item.nodeid} was skipped: {report.longrepr}"

@@ -21,8 +21,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -99,12 +100,19 @@ def _trained(path: Path, name: str, kw: dict, data, tc: TrainConfig, seed: int):
         return load(path)
     torch.manual_seed(seed)
     model = create_model(name, **kw)
-    _log(f"training {name} ({model.full_cost() / 1e6:.1f} MFLOPs at most) for {tc.epochs} epochs")
+    # hours of training: checkpoint every epoch beside the cache entry, and resume an interrupted
+    # run from there (the loop's resume ends bitwise equal to an uninterrupted run)
+    ckpt = path.parent / f"{path.name}.partial"
+    resume = (ckpt / "last.pt").exists()
+    tc = replace(tc, checkpoint_dir=str(ckpt))
+    how = "resuming" if resume else "training"
+    _log(f"{how} {name} ({model.full_cost() / 1e6:.1f} MFLOPs at most) for {tc.epochs} epochs")
     start = time.time()
-    train(model, data, tc)
+    train(model, data, tc, resume=resume)
     _log(f"trained {name} in {time.time() - start:.0f} s")
     model.eval()
     save(model, path)
+    shutil.rmtree(ckpt, ignore_errors=True)
     return model
 
 

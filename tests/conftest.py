@@ -21,7 +21,8 @@ def _in_ci() -> bool:
 
 
 def require_shared(relpath: str = "") -> Path:
-    """``data_root() / relpath`` if it exists; otherwise fail the test in CI, skip it elsewhere."""
+    """``data_root() / relpath`` if it exists; otherwise skip the test (which fails it in CI: see the
+    hooks at the end of this file)."""
     try:
         path = data_root() / relpath
     except FileNotFoundError as e:  # no data root at all: its message names DYNETS_DATA and the paths tried
@@ -30,8 +31,6 @@ def require_shared(relpath: str = "") -> Path:
         if path.exists():
             return path
         msg = f"shared data not found: {path}; set DYNETS_DATA to the folder that holds data/"
-    if _in_ci():
-        pytest.fail(f"CI requires shared data: {msg}", pytrace=False)
     pytest.skip(msg)
 
 

@@ -4,8 +4,6 @@ fp32 model on those inputs, and costs add up."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -13,11 +11,9 @@ import dynets
 from dynets.policies import ConfidencePolicy, EntropyPolicy, NeverExitPolicy, PatiencePolicy
 from dynets.quant import AdaptivePrecisionNetwork, quantize_early_exit, replay_int8_acceptance
 
-# The project's CPU wheel ships the x86 engine; without it int8 cannot run at all, which must not
-# pass silently as a run of skips in CI (the same rule as for ../shared data).
+# The project's CPU wheel ships the x86 engine; without it int8 cannot run at all. Elsewhere that
+# skips; in CI tests/conftest.py turns every skip into a failure, so it cannot pass unnoticed.
 if "x86" not in torch.backends.quantized.supported_engines:  # pragma: no cover
-    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
-        pytest.fail("CI requires the x86 quantized engine for int8 inference", pytrace=False)
     pytest.skip("the x86 quantized engine is not available", allow_module_level=True)
 
 

@@ -238,8 +238,9 @@ def run(
     n = cfg.b64_samples
     x64 = test_set.x[:n]
     # Timed in chunks of 512 images (pooling within each chunk), alternating the two per chunk.
+    static_call = _validated_static(fast_static)
     wc = compare_wallclock(
-        lambda x: [_validated_static(fast_static)(b) for b in split_batches(x, 64)],
+        lambda x: [static_call(b) for b in split_batches(x, 64)],
         lambda x: fast_dyn.run_pooled(x, 64),
         split_batches(x64, 512),
         rounds=cfg.rounds,

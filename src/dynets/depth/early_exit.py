@@ -26,7 +26,6 @@ from torch import nn
 from dynets.core.cost import cumulative_exit_costs, measure_flops
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
 from dynets.core.tensors import all_finite, take_rows
-from dynets.depth.heads import fuse_chain
 from dynets.policies.exit_policies import ConfidencePolicy, ExitPolicy, ThresholdPolicy
 
 Features = Any  # a Tensor, or a (nested) list/tuple of Tensors for multi-scale backbones
@@ -221,8 +220,7 @@ class EarlyExitNetwork(nn.Module):
 
     def optimize_for_inference(self) -> EarlyExitNetwork:
         """An inference-only copy: BatchNorm folded into the preceding convs (torch.fx) and NHWC
-        (channels_last) tensors, which run small convolutions much faster on CPU; exit heads that
-        are plain layer chains run as one fused call (`fuse_chain`). Outputs and
+        (channels_last) tensors, which run small convolutions much faster on CPU. Outputs and
         per-sample FLOPs are those of the original (up to float rounding). Apply it to the static
         baseline too when comparing speed, so both sides get the same treatment."""
         from torch.fx.experimental.optimization import fuse
@@ -236,7 +234,7 @@ class EarlyExitNetwork(nn.Module):
         self.unit_costs()  # measured on the original modules, kept by the copy
         fast = copy.deepcopy(self).eval()
         fast.stages = nn.ModuleList(try_fuse(s) for s in fast.stages)
-        fast.heads = nn.ModuleList(fuse_chain(try_fuse(h)) for h in fast.heads)
+        fast.heads = nn.ModuleList(try_fuse(h) for h in fast.heads)
         fast.to(memory_format=torch.channels_last)
         fast.inference_only = True
         return fast

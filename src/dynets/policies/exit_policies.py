@@ -22,6 +22,18 @@ State = dict[str, torch.Tensor]
 _SCALAR_CLASSES = 64  # up to this many classes, batch-1 decisions are computed on Python floats
 
 
+def _scalar_softmax(logits: torch.Tensor) -> list[float] | None:
+    """Softmax of one sample's logits (1, C) as Python floats, or None for more than
+    _SCALAR_CLASSES classes (then the tensor ops are cheaper)."""
+    if logits.shape[-1] > _SCALAR_CLASSES:
+        return None
+    z = logits[0].tolist()
+    m = max(z)
+    e = [math.exp(v - m) for v in z]
+    total = sum(e)
+    return [v / total for v in e]
+
+
 class ExitPolicy:
     """Base class. Subclasses implement `step`; threshold policies derive from ThresholdPolicy."""
 
@@ -117,11 +129,8 @@ class ConfidencePolicy(ThresholdPolicy):
         return logits.float().softmax(dim=-1).amax(dim=-1)
 
     def score_single(self, logits, learned=None):
-        if logits.shape[-1] > _SCALAR_CLASSES:
-            return super().score_single(logits, learned)
-        z = logits[0].tolist()
-        m = max(z)
-        return 1.0 / sum(math.exp(v - m) for v in z)  # max softmax probability
+        p = _scalar_softmax(logits)
+        return super().score_single(logits, learned) if p is None else max(p)
 
 
 class EntropyPolicy(ThresholdPolicy):
@@ -153,15 +162,11 @@ class EntropyPolicy(ThresholdPolicy):
         return self._entropy(logits) <= limit, state
 
     def step_single(self, k, logits, state, learned=None):
-        C = logits.shape[-1]
-        if C > _SCALAR_CLASSES:
+        p = _scalar_softmax(logits)
+        if p is None:
             return super().step_single(k, logits, state, learned)
-        z = logits[0].tolist()
-        m = max(z)
-        e = [math.exp(v - m) for v in z]
-        total = sum(e)
-        entropy = -sum(q * math.log(q) for q in (v / total for v in e) if q > 0)
-        return entropy <= self.threshold_at(k) * math.log(max(C, 2)), state
+        entropy = -sum(q * math.log(q) for q in p if q > 0)
+        return entropy <= self.threshold_at(k) * math.log(max(len(p), 2)), state
 
 
 class LearnedPolicy(ThresholdPolicy):

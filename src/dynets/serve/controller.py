@@ -127,20 +127,14 @@ class SLOController:
                 spu = sum(w * u * s for u, s, w in pts) / sum(w * u * u for u, _, w in pts)
         else:  # one batch size only: keep the anchors' overhead (if any), the rest is per unit
             overhead = 0.0
-            if len(self._prior) >= 2 and w0 > 0:
-                overhead = self._line(self._prior)[0]
+            if len(self._prior) >= 2 and w0 > 0:  # the anchors' line: smallest and largest batch
+                (u0, s0), (u1, s1) = min(self._prior), max(self._prior)
+                if u1 > u0:
+                    overhead = s0 - max((s1 - s0) / (u1 - u0), 0.0) * u0
             overhead = min(overhead, mt)
             spu = (mt - overhead) / mu
         self._fit = (max(0.0, overhead), max(spu, 1e-9))
         return self._fit
-
-    @staticmethod
-    def _line(pts: Sequence[tuple[float, float]]) -> tuple[float, float]:
-        (u0, s0), (u1, s1) = min(pts), max(pts)
-        if u1 <= u0:
-            return 0.0, s0 / u0
-        spu = max((s1 - s0) / (u1 - u0), 1e-9)
-        return max(0.0, s0 - spu * u0), spu
 
     @property
     def sec_per_unit(self) -> float | None:

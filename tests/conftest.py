@@ -20,6 +20,18 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch at one thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    for tests that run the model beside a server thread, onnxruntime or a tokenizer pool."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def require_shared(relpath: str = "") -> Path:
     """``data_root() / relpath`` if it exists; otherwise skip the test (which fails it in CI: see the
     hooks at the end of this file)."""

@@ -56,12 +56,7 @@ H, HEADS, HEAD_DIM, FFN, LAYERS = 32, 4, 8, 64, 4
 MINILM = "models/all-MiniLM-L6-v2"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,7 @@ import torch
 
 from dynets.text import TextDataset, encode_table, load_text_table
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write(path: Path, text: str) -> Path:

@@ -167,34 +167,87 @@ def run_export(model_dir: str, data: str, *, quick: bool = False, threads: int =
                     (got["logits"].argmax(-1) == ref.logits.argmax(-1).numpy()).mean()
                 ),
                 "flops_equal": bool(np.array_equal(got["flops"], ref.flops.numpy())),
-                "speed": {},
             }
-            for bs in (1, 64):
-                batches = [
-                    x[i : i + bs] for i in range(0, min(x.shape[0], 64 if bs == 1 else x.shape[0]), bs)
-                ]
-                nb = [b.numpy() for b in batches]
-
-                def eager(batches=batches):
-                    with torch.inference_mode():
-                        for b in batches:
-                            model(b)
-
-                def exported(nb=nb, rt=rt):
-                    for b in nb:
-                        rt.run(b)
-
-                t = _alternate({"eager": eager, "exported": exported}, rounds)
-                n = sum(b.shape[0] for b in batches)
-                entry["speed"][f"batch_{bs}"] = {
-                    "eager_ms_per_sample": 1000 * t["eager"] / n,
-                    "exported_ms_per_sample": 1000 * t["exported"] / n,
-                    "speedup": t["eager"] / t["exported"],
-                }
+            entry["speed"] = _speeds(model, rt, x, rounds)
             if fmt == "torch" and (out / "whole_graph.pt2").is_file():
                 entry["whole_graph"] = _whole_graph_entry(model, out / "whole_graph.pt2", x, ref, rounds)
             result["formats"][fmt] = entry
+    result["families"] = _family_entries(data, x, rounds, threads)
     return result
+
+
+def _speeds(model: Any, rt: Any, x: torch.Tensor, rounds: int) -> dict[str, Any]:
+    """Eager vs exported runtime, alternating, at batch 1 (the first 64 samples) and batch 64."""
+    speed = {}
+    for bs in (1, 64):
+        batches = [x[i : i + bs] for i in range(0, min(x.shape[0], 64 if bs == 1 else x.shape[0]), bs)]
+        nb = [b.numpy() for b in batches]
+
+        def eager(batches=batches):
+            with torch.inference_mode():
+                for b in batches:
+                    model(b)
+
+        def exported(nb=nb):
+            for b in nb:
+                rt.run(b)
+
+        t = _alternate({"eager": eager, "exported": exported}, rounds)
+        n = sum(b.shape[0] for b in batches)
+        speed[f"batch_{bs}"] = {
+            "eager_ms_per_sample": 1000 * t["eager"] / n,
+            "exported_ms_per_sample": 1000 * t["exported"] / n,
+            "speedup": t["eager"] / t["exported"],
+        }
+    return speed
+
+
+# the other exportable families: (zoo name, cache pattern of its trained model, decision key, formats)
+FAMILIES = (
+    ("skip_resnet", "skip_width_{data}-skip-*", "blocks_run", ("onnx", "torch")),
+    ("routed_resnet", "routing_params_{data}-routed-*", "branch", ("onnx", "torch")),
+    ("dyconv_resnet", "routing_params_{data}-dyconv-*", None, ("torch",)),  # no ONNX form: see export
+)
+
+
+def _family_entries(data: str, x: torch.Tensor, rounds: int, threads: int) -> dict[str, Any]:
+    """Block skipping, routing and dynamic convolution, each exported from its trained model of the
+    issue-4 benchmarks when that is cached (else recorded as missing): decisions, logits and FLOPs
+    against the eager model with the policy it was saved with, and speed."""
+    from dynets.export import export_model, load_runtime
+
+    out: dict[str, Any] = {}
+    for name, pattern, key, formats in FAMILIES:
+        runs = _cached(pattern.format(data=data))
+        if not runs:
+            out[name] = {"missing": f"no trained model cached under {pattern.format(data=data)}"}
+            continue
+        model = load(runs[0]).eval()
+        with torch.inference_mode():
+            ref = model(x)
+        entry: dict[str, Any] = {"model_dir": str(runs[0])}
+        if key is not None:
+            entry["decision_mean"] = float(ref.decisions[key].double().mean())
+        entry["mean_flops_ratio"] = float(ref.flops.double().mean()) / float(model.full_cost())
+        with tempfile.TemporaryDirectory() as tmp:
+            for fmt in formats:
+                rt = load_runtime(export_model(model, Path(tmp) / fmt, format=fmt), threads=threads)
+                got = rt.run(x.numpy())
+                f: dict[str, Any] = {
+                    "max_abs_logit_diff": float(np.abs(got["logits"] - ref.logits.numpy()).max()),
+                    "prediction_agreement": float(
+                        (got["logits"].argmax(-1) == ref.logits.argmax(-1).numpy()).mean()
+                    ),
+                    "flops_equal": bool(np.array_equal(got["flops"], ref.flops.numpy())),
+                    "speed": _speeds(model, rt, x, rounds),
+                }
+                if key is not None:
+                    f["decision_agreement"] = float(
+                        (got[key] == ref.decisions[key].numpy()).reshape(x.shape[0], -1).all(1).mean()
+                    )
+                entry[fmt] = f
+        out[name] = entry
+    return out
 
 
 def _whole_graph_entry(model: Any, path: Path, x: torch.Tensor, ref: Any, rounds: int) -> dict[str, Any]:
@@ -342,6 +395,30 @@ def markdown_export(r: dict[str, Any]) -> str:
                 f"{w['max_abs_logit_diff']:.2e} | 1 | {w['batch_1']['eager_ms_per_sample']:.3f} | "
                 f"{w['batch_1']['whole_graph_ms_per_sample']:.3f} | {w['batch_1']['speedup']:.2f} |"
             )
+    fam = r.get("families") or {}
+    if fam:
+        lines += [
+            "",
+            "## Other families (their trained issue-4 models, the saved policy)",
+            "",
+            "| model | format | decisions equal | predictions equal | max abs logit diff | FLOPs equal "
+            "| speed-up b1 | speed-up b64 |",
+            "|---|---|---:|---:|---:|---|---:|---:|",
+        ]
+        for name, e in fam.items():
+            if "missing" in e:
+                lines.append(f"| {name} | - | {e['missing']} | | | | | |")
+                continue
+            for fmt in ("onnx", "torch"):
+                if fmt not in e:
+                    continue
+                f = e[fmt]
+                dec = f"{100 * f['decision_agreement']:.2f}%" if "decision_agreement" in f else "n/a"
+                lines.append(
+                    f"| {name} | {fmt} | {dec} | {100 * f['prediction_agreement']:.2f}% | "
+                    f"{f['max_abs_logit_diff']:.2e} | {f['flops_equal']} | "
+                    f"{f['speed']['batch_1']['speedup']:.2f} | {f['speed']['batch_64']['speedup']:.2f} |"
+                )
     return "\n".join(lines) + "\n"
 
 

@@ -1,17 +1,32 @@
 """Export of dynamic models that stay dynamic: one graph per stage block and exit head (ONNX or
 torch.export) run by a small runtime that applies the policy between them, and a whole-graph
-torch.export with torch.cond where that works."""
+torch.export with torch.cond where that works; block skipping, routing and dynamic-parameter
+models are cut at their gates the same way (`export_model` picks the exporter, `load_runtime`
+the runtime)."""
 
-from dynets.export.runtime import NumpyPolicy, StagedRuntime
+from dynets.export.families import export_model
+from dynets.export.runtime import (
+    NumpyPolicy,
+    RouteRuntime,
+    SingleRuntime,
+    SkipRuntime,
+    StagedRuntime,
+    load_runtime,
+)
 from dynets.export.staged import export_model_dir, export_staged
 from dynets.export.whole_graph import WholeGraphEarlyExit, export_whole_graph, score_thresholds
 
 __all__ = [
     "NumpyPolicy",
+    "RouteRuntime",
+    "SingleRuntime",
+    "SkipRuntime",
     "StagedRuntime",
     "WholeGraphEarlyExit",
+    "export_model",
     "export_model_dir",
     "export_staged",
     "export_whole_graph",
+    "load_runtime",
     "score_thresholds",
 ]

@@ -1,15 +1,16 @@
-"""A small runtime for exported early-exit models: one graph per stage and per exit head, the
-policy applied between them in NumPy, with compaction.
+"""Small runtimes for exported dynamic models: one graph per stage and per exit head (early exit),
+per block and per gate (block skipping), per branch (routing), or one graph (dynamic parameters),
+the decisions applied between the graphs in NumPy, each graph run on the rows that need it.
 
 This file imports neither torch nor dynets (torch only for the `torch` backend, lazily), and the
 exporter copies it into every exported directory as `dynets_runtime.py`, so an ONNX export runs
 anywhere NumPy and onnxruntime do:
 
-    from dynets_runtime import StagedRuntime
-    rt = StagedRuntime("exported/")
-    out = rt.run(x)            # x: (B, C, H, W) float32; out["logits"], out["exit_index"], out["flops"]
+    from dynets_runtime import load_runtime
+    rt = load_runtime("exported/")   # StagedRuntime, SkipRuntime, RouteRuntime or SingleRuntime
+    out = rt.run(x)            # x: (B, C, H, W) float32; out["logits"], out["flops"], the decisions
 
-Per batch, as the eager model does:
+Early exit (StagedRuntime), per batch, as the eager model does:
   1. run the block's stage graphs on the rows still active        h: list of (B_active, ...)
   2. run the exit head graph: logits (and the learned-exit score)  (B_active, C)
   3. the policy says who stops; their logits go to their input positions
@@ -124,10 +125,11 @@ class _TorchGraphs:
         return [o.numpy() for o in outs]
 
 
-# ---------------------------------------------------------------------- the runtime
-class StagedRuntime:
-    """Runs an exported early-exit model dynamically; `policy` (a dict, or None for the policy
-    saved at export) may be changed per call."""
+# ---------------------------------------------------------------------- the runtimes
+class _Runtime:
+    """What every runtime shares: the manifest, the graph backend, the input check."""
+
+    kind = ""
 
     def __init__(
         self, directory: str | Path, *, threads: int = 1, providers: list[str] | None = None
@@ -137,6 +139,12 @@ class StagedRuntime:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: expected a directory written by `dynets export`")
         self.manifest = m = json.loads(path.read_text())
+        kind = m.get("kind", "early_exit")
+        if kind != self.kind:
+            raise ValueError(
+                f"{path}: this export is of kind {kind!r}; open it with load_runtime(), "
+                f"not {type(self).__name__}"
+            )
         self.format = m["format"]
         if self.format == "onnx":
             self.graphs: Any = _OnnxGraphs(self.dir, threads, providers)
@@ -146,11 +154,34 @@ class StagedRuntime:
             raise ValueError(f"{path}: format {self.format!r} is not 'onnx' or 'torch'")
         for name, unit in m["units"].items():
             self.graphs.load(name, unit["file"])
+        self.input_shape = tuple(m["input_shape"])
+        self.num_classes = int(m["num_classes"])
+
+    def _check(self, x: Any) -> np.ndarray:
+        x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+        if tuple(x.shape[1:]) != self.input_shape or x.ndim != len(self.input_shape) + 1:
+            raise ValueError(
+                f"input: expected shape (B, {', '.join(map(str, self.input_shape))}), got {x.shape}"
+            )
+        if not np.isfinite(x).all():
+            raise ValueError("input: expected finite values, got NaN or inf")
+        return x
+
+
+class StagedRuntime(_Runtime):
+    """Runs an exported early-exit model dynamically; `policy` (a dict, or None for the policy
+    saved at export) may be changed per call."""
+
+    kind = "early_exit"
+
+    def __init__(
+        self, directory: str | Path, *, threads: int = 1, providers: list[str] | None = None
+    ) -> None:
+        super().__init__(directory, threads=threads, providers=providers)
+        m = self.manifest
         self.blocks = m["blocks"]
         self.exit_costs = np.asarray(m["exit_costs"], dtype=np.float64)
         self.exit_costs_learned = np.asarray(m["exit_costs_learned"], dtype=np.float64)
-        self.input_shape = tuple(m["input_shape"])
-        self.num_classes = int(m["num_classes"])
         self.policy = NumpyPolicy(m["policy"])
 
     @property
@@ -160,13 +191,7 @@ class StagedRuntime:
     def run(self, x: np.ndarray, policy: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         """logits (B, C) in input order, exit_index (B,), flops (B,) for a batch x (B, *input_shape)."""
         pol = self.policy if policy is None else NumpyPolicy(policy)
-        x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-        if tuple(x.shape[1:]) != self.input_shape or x.ndim != len(self.input_shape) + 1:
-            raise ValueError(
-                f"input: expected shape (B, {', '.join(map(str, self.input_shape))}), got {x.shape}"
-            )
-        if not np.isfinite(x).all():
-            raise ValueError("input: expected finite values, got NaN or inf")
+        x = self._check(x)
         if pol.needs_learned and not all(b["learned"] for b in self.blocks[:-1]):
             raise ValueError("policy 'learned' needs learned-exit scores, but this export has none")
         B, K = x.shape[0], self.num_exits
@@ -201,13 +226,145 @@ class StagedRuntime:
         return {"logits": out, "exit_index": exit_index, "flops": costs[exit_index]}
 
 
+def _thresholds(spec: Any, n: int) -> list[float]:
+    values = [spec] if isinstance(spec, (int, float)) else list(spec)
+    if len(values) not in (1, n) or any(
+        isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1 for t in values
+    ):
+        raise ValueError(f"skip threshold: expected a value in [0, 1] or {n} of them, got {spec!r}")
+    return [float(values[0])] * n if len(values) == 1 else [float(t) for t in values]
+
+
+class SkipRuntime(_Runtime):
+    """Runs an exported block-skipping model (SkipNet): before each gated block its gate graph
+    gives every sample's execute probability, and the block's graph runs on the executing rows
+    only (the others keep their features). `policy`: {"threshold": t or [t per gate]}."""
+
+    kind = "skip"
+
+    def __init__(
+        self, directory: str | Path, *, threads: int = 1, providers: list[str] | None = None
+    ) -> None:
+        super().__init__(directory, threads=threads, providers=providers)
+        m = self.manifest
+        self.program = m["program"]  # [{"block": name, "gate": name | None}] in order
+        self.gated_costs = np.asarray(m["gated_costs"], dtype=np.float64)
+        self.min_cost = float(m["min_cost"])
+        self.policy = m["policy"]
+
+    def run(self, x: np.ndarray, policy: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """logits (B, C), blocks_run (B, n_gated) bool, flops (B,) for a batch x (B, *input_shape)."""
+        G = len(self.gated_costs)
+        thr = _thresholds((policy or self.policy).get("threshold", 0.5), G)
+        x = self._check(x)
+        B = x.shape[0]
+        blocks_run = np.zeros((B, G), dtype=bool)
+        if B == 0:
+            return {
+                "logits": np.zeros((0, self.num_classes), dtype=np.float32),
+                "blocks_run": blocks_run,
+                "flops": np.zeros(0, dtype=np.float64),
+            }
+        h = self.graphs.run("stem", [x])[0]
+        gi = 0
+        for step in self.program:
+            if step["gate"] is None:
+                h = self.graphs.run(step["block"], [h])[0]
+                continue
+            p = self.graphs.run(step["gate"], [h])[0]  # 1. (B,) execute probability
+            run = p >= thr[gi]  # 2. who runs this block
+            blocks_run[:, gi] = run
+            if run.all():
+                h = self.graphs.run(step["block"], [h])[0]
+            elif run.any():  # 3. the executing rows only; the others keep h
+                h = np.array(h)
+                h[run] = self.graphs.run(step["block"], [np.ascontiguousarray(h[run])])[0]
+            gi += 1
+        logits = self.graphs.run("head", [h])[0]
+        flops = self.min_cost + blocks_run @ self.gated_costs
+        return {"logits": logits, "blocks_run": blocks_run, "flops": flops}
+
+
+class RouteRuntime(_Runtime):
+    """Runs an exported routed model: the trunk, then the router's gate picks a branch per sample
+    (argmax of gate logits + cost bias), and each branch graph runs on its own rows only.
+    `policy`: {"penalty": p} shifts routing toward the cheap branch (p > 0), as
+    `set_cost_penalty` does in the eager model."""
+
+    kind = "route"
+
+    def __init__(
+        self, directory: str | Path, *, threads: int = 1, providers: list[str] | None = None
+    ) -> None:
+        super().__init__(directory, threads=threads, providers=providers)
+        m = self.manifest
+        self.branches = m["branches"]
+        self.branch_costs = np.asarray(m["branch_costs"], dtype=np.float64)  # per route, trunk included
+        self.relative_costs = np.asarray(m["relative_costs"], dtype=np.float32)
+        self.route_bias = np.asarray(m["route_bias"], dtype=np.float32)
+
+    def run(self, x: np.ndarray, policy: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """logits (B, C), branch (B,), flops (B,) for a batch x (B, *input_shape)."""
+        bias = self.route_bias
+        if policy is not None and "penalty" in policy:
+            p = policy["penalty"]
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p):
+                raise ValueError(f"penalty: expected a finite number, got {p!r}")
+            bias = (-float(p) * self.relative_costs).astype(np.float32)
+        x = self._check(x)
+        B = x.shape[0]
+        out = np.zeros((B, self.num_classes), dtype=np.float32)
+        if B == 0:
+            return {"logits": out, "branch": np.zeros(0, dtype=np.int64), "flops": np.zeros(0)}
+        h = self.graphs.run("trunk", [x])[0]
+        branch = (self.graphs.run("gate", [h])[0] + bias).argmax(-1)  # 1. one branch per sample
+        for k, name in enumerate(self.branches):
+            rows = branch == k  # 2. branch k's rows only
+            if rows.all():
+                out = self.graphs.run(name, [h])[0]
+            elif rows.any():
+                out[rows] = self.graphs.run(name, [np.ascontiguousarray(h[rows])])[0]
+        return {"logits": out, "branch": branch.astype(np.int64), "flops": self.branch_costs[branch]}
+
+
+class SingleRuntime(_Runtime):
+    """Runs an exported model whose input-dependence lives inside one static-shape graph
+    (dynamic convolution's per-sample kernel mixture, a hypernetwork's per-sample weights)."""
+
+    kind = "single"
+
+    def run(self, x: np.ndarray, policy: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """logits (B, C) and flops (B,) for a batch x (B, *input_shape); no run-time knob."""
+        if policy:
+            raise ValueError(f"this export ({self.manifest['architecture']}) has no policy; got {policy!r}")
+        x = self._check(x)
+        if x.shape[0] == 0:
+            return {"logits": np.zeros((0, self.num_classes), dtype=np.float32), "flops": np.zeros(0)}
+        logits = self.graphs.run("model", [x])[0]
+        return {"logits": logits, "flops": np.full(x.shape[0], float(self.manifest["full_cost"]))}
+
+
+RUNTIMES = {r.kind: r for r in (StagedRuntime, SkipRuntime, RouteRuntime, SingleRuntime)}
+
+
+def load_runtime(directory: str | Path, **kw: Any) -> _Runtime:
+    """The runtime for whatever kind of export `directory` holds."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: expected a directory written by `dynets export`")
+    kind = json.loads(path.read_text()).get("kind", "early_exit")
+    if kind not in RUNTIMES:
+        raise ValueError(f"{path}: kind {kind!r} is not one of {sorted(RUNTIMES)}")
+    return RUNTIMES[kind](directory, **kw)
+
+
 def main() -> None:  # `python dynets_runtime.py DIR` runs a random batch: a smoke test of an export
     import sys
 
-    rt = StagedRuntime(sys.argv[1])
+    rt = load_runtime(sys.argv[1])
     x = np.random.default_rng(0).random((4, *rt.input_shape), dtype=np.float32)
     r = rt.run(x)
-    print("exit_index", r["exit_index"].tolist(), "flops", r["flops"].tolist())
+    print({k: v.tolist() for k, v in r.items() if k != "logits"})
 
 
 if __name__ == "__main__":

@@ -72,8 +72,8 @@ class HeadUnit(nn.Module):
 def _check_model(model: nn.Module) -> None:
     if not all(hasattr(model, a) for a in ("stages", "heads", "exit_stages", "input_shape")):
         raise TypeError(
-            f"export: expected an EarlyExitNetwork (stages, heads, exit_stages; e.g. ee_resnet, msdnet), "
-            f"got {type(model).__name__}; other dynamic families are not exportable yet"
+            f"export_staged: expected an EarlyExitNetwork (stages, heads, exit_stages; e.g. ee_resnet, "
+            f"msdnet), got {type(model).__name__}; dynets.export.export_model takes the other families"
         )
     if getattr(model, "inference_only", False):
         raise TypeError("export: expected the original model, got an optimize_for_inference copy")
@@ -104,7 +104,10 @@ def _export_onnx(unit: nn.Module, args: tuple[torch.Tensor, ...], path: Path, op
 
 def _export_torch(unit: nn.Module, args: tuple[torch.Tensor, ...], path: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # modules that keep their last decisions as attributes (for the eager model's report)
+        # assign them while tracing; the graph does not need them
+        warnings.filterwarnings("ignore", message="The tensor attribute")
         shapes = (tuple({0: batch} for _ in args),)  # one entry: the *flat varargs tuple
         ep = torch.export.export(unit, args, dynamic_shapes=shapes)
     torch.export.save(ep, str(path))
@@ -162,6 +165,7 @@ def export_staged(
     has_learned = len(getattr(model, "exit_predictors", [])) > 0
     manifest = {
         "format": format,
+        "kind": "early_exit",
         "dynets_export_version": 1,
         "architecture": type(model).__name__,
         "granularity": granularity,
@@ -178,6 +182,28 @@ def export_staged(
         "whole_graph": None,
     }
 
+    def whole(tmp: Path) -> None:
+        if whole_graph:
+            from dynets.export.whole_graph import export_whole_graph
+
+            manifest["whole_graph"] = export_whole_graph(model, tmp, format=format, opset=opset)
+
+    return write_export(out, units, manifest, format=format, opset=opset, extra=whole)
+
+
+def write_export(
+    out: str | Path,
+    units: list[tuple[str, nn.Module, tuple[torch.Tensor, ...]]],
+    manifest: dict[str, Any],
+    *,
+    format: str,
+    opset: int,
+    extra: Any = None,
+) -> Path:
+    """Export each (name, unit, example args) graph, copy the runtime, write the manifest, all into
+    a temporary directory renamed to `out` at the end. `extra(tmp)` may add files (and manifest
+    entries) before the manifest is written."""
+
     def write(tmp: Path) -> None:
         for name, unit, args in units:
             path = tmp / (name + SUFFIX[format])
@@ -185,10 +211,8 @@ def export_staged(
                 _export_onnx(unit, args, path, opset)
             else:
                 _export_torch(unit, args, path)
-        if whole_graph:
-            from dynets.export.whole_graph import export_whole_graph
-
-            manifest["whole_graph"] = export_whole_graph(model, tmp, format=format, opset=opset)
+        if extra is not None:
+            extra(tmp)
         shutil.copyfile(runtime.__file__, tmp / "dynets_runtime.py")
         (tmp / runtime.MANIFEST).write_text(json.dumps(manifest, indent=2))
 
@@ -197,7 +221,8 @@ def export_staged(
 
 
 def export_model_dir(model_dir: str | Path, out: str | Path, **kw: Any) -> Path:
-    """Load a saved model directory and export it (what `dynets export` runs)."""
+    """Load a saved model directory and export it (what `dynets export` runs), whatever its family."""
     from dynets.core.serialization import load
+    from dynets.export.families import export_model
 
-    return export_staged(load(model_dir), out, **kw)
+    return export_model(load(model_dir), out, **kw)

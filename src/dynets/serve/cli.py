@@ -95,7 +95,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         whole_graph=args.whole_graph,
     )
     print(
-        f"wrote {out} ({args.format}; run it with {out / 'dynets_runtime.py'} or dynets.export.StagedRuntime)"
+        f"wrote {out} ({args.format}; run it with {out / 'dynets_runtime.py'} or dynets.export.load_runtime)"
     )
     return 0
 
@@ -138,15 +138,23 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
     e = subparsers.add_parser(
         "export",
-        help="export an early-exit model: one graph per stage block and exit head, plus a runtime",
+        help="export a dynamic model (early exit, block skipping, routing, dynamic parameters) as "
+        "graphs cut at its decisions, plus a runtime that takes them",
         conflict_handler="resolve",
     )
     e.add_argument("model_dir")
     e.add_argument("--format", choices=["onnx", "torch"], default="onnx")
     e.add_argument("--out", required=True, help="output directory (written atomically)")
-    e.add_argument("--granularity", choices=["block", "stage"], default="block")
+    e.add_argument(
+        "--granularity",
+        choices=["block", "stage"],
+        default="block",
+        help="early exit: graphs per block or stage",
+    )
     e.add_argument("--opset", type=int, default=17)
-    e.add_argument("--whole-graph", action="store_true", help="also a torch.cond whole graph (torch format)")
+    e.add_argument(
+        "--whole-graph", action="store_true", help="early exit: also a torch.cond whole graph (torch format)"
+    )
     e.add_argument("--threads", type=int, default=1)
     e.set_defaults(fn=cmd_export)
 

@@ -1,0 +1,201 @@
+"""Export of the dynamic families beyond early exit, cut where their decisions are taken:
+
+    block skipping (SkipNetwork, e.g. skip_resnet)   stem, one graph per block, one per gate
+                                                     (-> the execute probability), head
+    routing (RoutedResNet, routed_resnet)            trunk, the router's gate, one graph per branch
+    dynamic parameters (dyconv_resnet, hyper_mlp)    one graph: the per-sample kernel mixture or
+                                                     predicted weights have static shapes
+
+The runtimes in `runtime.py` (copied into every export) run the gates between the graphs and each
+block or branch on its own rows only, as the eager executors do. `export_model` picks the
+exporter for any of these and for early-exit networks (`staged.export_staged`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from dynets.export.staged import FORMATS, SUFFIX, FlatUnit, export_staged, write_export
+
+SUPPORTED = (
+    "early exit (EarlyExitNetwork: ee_resnet, msdnet, ...)",
+    "block skipping (SkipNetwork: skip_resnet)",
+    "routing (RoutedResNet: routed_resnet)",
+    "dynamic parameters (dyconv_resnet, hyper_mlp)",
+)
+
+
+class _Unit(nn.Module):
+    """One tensor in (as the graph writers pass it: flat varargs), a tuple of tensors out."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.module(xs[0]),)
+
+
+class _GateProbability(nn.Module):
+    """A skip gate's execute probability, in the graph (so it is compared with the threshold
+    exactly as the eager model compares it)."""
+
+    def __init__(self, gate: nn.Module) -> None:
+        super().__init__()
+        self.gate = gate
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (torch.sigmoid(self.gate(xs[0]).float()),)
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.model.logits(xs[0]),)
+
+
+def _example(model: nn.Module, batch: int) -> torch.Tensor:
+    return torch.rand((batch, *model.input_shape), generator=torch.Generator().manual_seed(0))
+
+
+def _manifest(model: nn.Module, kind: str, format: str, opset: int, units: list) -> dict[str, Any]:
+    return {
+        "format": format,
+        "kind": kind,
+        "dynets_export_version": 1,
+        "architecture": type(model).__name__,
+        "input_shape": list(model.input_shape),
+        "num_classes": int(model.num_classes),
+        "units": {name: {"file": name + SUFFIX[format], "inputs": len(args)} for name, _, args in units},
+        "opset": opset if format == "onnx" else None,
+    }
+
+
+def export_skip(model: nn.Module, out: str | Path, *, format: str, opset: int, example_batch: int) -> Path:
+    """Stem, blocks, gates and head of a SkipNetwork as separate graphs (kind "skip")."""
+    units: list[tuple[str, nn.Module, tuple[torch.Tensor, ...]]] = []
+    program = []
+    with torch.no_grad():
+        x = _example(model, example_batch)
+        units.append(("stem", _Unit(model.stem).eval(), (x,)))
+        h = model.stem(x)
+        gi = 0
+        for i, block in enumerate(model.blocks):
+            gate = None
+            if model.gated[i]:
+                gate = f"gate_{gi}"
+                units.append((gate, _GateProbability(model.gates[gi]).eval(), (h,)))
+                gi += 1
+            units.append((f"block_{i}", _Unit(block).eval(), (h,)))
+            program.append({"block": f"block_{i}", "gate": gate})
+            h = block(h)
+        units.append(("head", _Unit(model.head).eval(), (h,)))
+    u = model.unit_costs()
+    manifest = _manifest(model, "skip", format, opset, units)
+    manifest.update(
+        program=program,
+        min_cost=float(model.min_cost()),
+        gated_costs=[float(c) for c, g in zip(u["blocks"], model.gated) if g],
+        full_cost=float(model.full_cost()),
+        policy={"threshold": model.skip_policy.to_dict()["threshold"]},
+    )
+    return write_export(out, units, manifest, format=format, opset=opset)
+
+
+def export_route(model: nn.Module, out: str | Path, *, format: str, opset: int, example_batch: int) -> Path:
+    """Trunk, router gate and branches of a RoutedResNet as separate graphs (kind "route")."""
+    router = model.router
+    with torch.no_grad():
+        x = _example(model, example_batch)
+        h = model.trunk(x)
+        units = [("trunk", FlatUnit(model.trunk, tree_flatten(x)[1]).eval(), (x,))]
+        units.append(("gate", _Unit(router.gate).eval(), (h,)))
+        names = [f"branch_{k}" for k in range(router.num_branches)]
+        units += [(n, _Unit(b).eval(), (h,)) for n, b in zip(names, router.branches)]
+    b = router.costs()["branches"]
+    manifest = _manifest(model, "route", format, opset, units)
+    manifest.update(
+        branches=names,
+        branch_costs=model.branch_costs().tolist(),
+        relative_costs=(b / b.max()).tolist(),
+        route_bias=router.route_bias.tolist(),
+        penalty=float(router.cost_penalty),
+        full_cost=float(model.full_cost()),
+    )
+    return write_export(out, units, manifest, format=format, opset=opset)
+
+
+def export_single(model: nn.Module, out: str | Path, *, format: str, opset: int, example_batch: int) -> Path:
+    """A model whose per-sample adaptation has static shapes, as one graph (kind "single")."""
+    units = [("model", _Logits(model).eval(), (_example(model, example_batch),))]
+    manifest = _manifest(model, "single", format, opset, units)
+    manifest["full_cost"] = float(model.full_cost())
+    return write_export(out, units, manifest, format=format, opset=opset)
+
+
+def export_model(
+    model: nn.Module,
+    out: str | Path,
+    *,
+    format: str = "onnx",
+    granularity: str = "block",
+    opset: int = 17,
+    example_batch: int = 2,
+    whole_graph: bool = False,
+) -> Path:
+    """Export `model` so that it stays dynamic (see the module docstring); returns `out`.
+    `granularity` and `whole_graph` apply to early-exit networks only."""
+    from dynets.depth.skipping import SkipNetwork
+    from dynets.models.dynamic_params import DyConvResNet, HyperMLP
+    from dynets.models.routing import RoutedResNet
+
+    if all(hasattr(model, a) for a in ("stages", "heads", "exit_stages")):
+        return export_staged(
+            model,
+            out,
+            format=format,
+            granularity=granularity,
+            opset=opset,
+            example_batch=example_batch,
+            whole_graph=whole_graph,
+        )
+    if isinstance(model, SkipNetwork):
+        exporter = export_skip
+    elif isinstance(model, RoutedResNet):
+        exporter = export_route
+    elif isinstance(model, (DyConvResNet, HyperMLP)):
+        exporter = export_single
+        if isinstance(model, DyConvResNet) and format == "onnx":
+            raise ValueError(
+                "format: dynamic convolution runs as one grouped convolution with groups = batch size, "
+                "which ONNX's Conv cannot take with a dynamic batch; expected 'torch' for dyconv_resnet, "
+                "got 'onnx'"
+            )
+    else:
+        raise TypeError(
+            f"export: expected a model of an exportable family ({'; '.join(SUPPORTED)}), "
+            f"got {type(model).__name__}"
+        )
+    if format not in FORMATS:
+        raise ValueError(f"format: expected one of {list(FORMATS)}, got {format!r}")
+    if granularity != "block" or whole_graph:
+        raise ValueError(
+            f"granularity / whole_graph: options of early-exit exports; expected 'block' / False for a "
+            f"{type(model).__name__}, got {granularity!r} / {whole_graph!r}"
+        )
+    if example_batch < 2:
+        raise ValueError(
+            f"example_batch: expected >= 2 (so the batch dimension stays symbolic), got {example_batch}"
+        )
+    if getattr(model, "inference_only", False):
+        raise TypeError("export: expected the original model, got an optimize_for_inference copy")
+    model.eval()
+    return exporter(model, out, format=format, opset=opset, example_batch=example_batch)

@@ -1,0 +1,161 @@
+"""Export of block skipping, routing and dynamic-parameter models: the exported runtime takes the
+same per-sample decisions as the eager model, returns its logits (up to float rounding) and the
+same per-sample FLOPs, at batch 1, in batches that split, and for an empty batch."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import dynets
+from dynets.depth.skipping import SkipPolicy
+from dynets.export import RouteRuntime, SingleRuntime, SkipRuntime, export_model, load_runtime
+from dynets.serve.cli import main
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def between(values: torch.Tensor) -> float:
+    """A threshold in the widest gap near the middle of `values`, so float noise cannot flip a
+    decision and both sides are non-empty."""
+    v = values.flatten().sort().values
+    lo, hi = v.numel() // 4, 3 * v.numel() // 4
+    i = lo + int(torch.argmax(v[lo + 1 : hi + 1] - v[lo:hi])) + 1
+    return float((v[i - 1] + v[i]) / 2)
+
+
+@pytest.fixture(scope="module")
+def skipnet():
+    torch.manual_seed(0)
+    m = dynets.create_model("skip_resnet", widths=(8, 16, 32), image_size=16).eval()
+    with torch.no_grad():
+        for g in m.gates:  # spread the gates' probabilities, so thresholds split the batch
+            g.net[-1].weight.normal_(0, 3.0)
+            g.net[-1].bias.zero_()
+    x = torch.rand(24, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    probs = m(x, policy=SkipPolicy(0.0), record=True).record["gate_probs"]
+    m.skip_policy = SkipPolicy([between(probs[:, j]) for j in range(probs.shape[1])])
+    return m, x
+
+
+@pytest.fixture(scope="module")
+def routed():
+    torch.manual_seed(0)
+    m = dynets.create_model("routed_resnet", widths=(8, 16, 32), image_size=16).eval()
+    x = torch.rand(24, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = m.router.gate(m.trunk(x))
+    rel = m.router.costs()["branches"]
+    rel = (rel / rel.max()).float()
+    # the penalty at which half the batch switches: gap_i = (l1 - l0) / (rel1 - rel0)
+    m.set_cost_penalty(between((logits[:, 1] - logits[:, 0]) / (rel[1] - rel[0])))
+    return m, x
+
+
+def check_skip(rt, model, x, policy=None) -> None:
+    ref = model(x, policy=policy)
+    got = rt.run(x.numpy(), None if policy is None else {"threshold": policy.to_dict()["threshold"]})
+    np.testing.assert_array_equal(got["blocks_run"], ref.decisions["blocks_run"].numpy())
+    np.testing.assert_allclose(got["logits"], ref.logits.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(got["flops"], ref.flops.numpy())
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch"])
+def test_skip_export_runs_each_block_on_the_rows_its_gate_passes(skipnet, tmp_path, fmt):
+    model, x = skipnet
+    rt = load_runtime(export_model(model, tmp_path / "e", format=fmt))
+    assert isinstance(rt, SkipRuntime)
+    ref = model(x)
+    run = ref.decisions["blocks_run"]
+    assert run.any() and not run.all()  # the thresholds split the batch: a real test of the split
+    check_skip(rt, model, x)
+    check_skip(rt, model, x[:1])
+    check_skip(rt, model, x, SkipPolicy(0.0))  # a threshold changed at run time: every block runs
+    check_skip(rt, model, x, SkipPolicy(1.0))
+    empty = rt.run(np.zeros((0, 3, 16, 16), np.float32))
+    assert empty["logits"].shape == (0, 10) and empty["blocks_run"].shape == (0, model.num_gated)
+    with pytest.raises(ValueError, match=r"skip threshold: expected a value in \[0, 1\]"):
+        rt.run(x.numpy(), {"threshold": 1.5})
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch"])
+def test_route_export_runs_each_branch_on_its_own_rows(routed, tmp_path, fmt):
+    model, x = routed
+    rt = load_runtime(export_model(model, tmp_path / "e", format=fmt))
+    assert isinstance(rt, RouteRuntime)
+    for xb in (x, x[:1], x[5:6]):
+        ref = model(xb)
+        got = rt.run(xb.numpy())
+        np.testing.assert_array_equal(got["branch"], ref.decisions["branch"].numpy())
+        np.testing.assert_allclose(got["logits"], ref.logits.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(got["flops"], ref.flops.numpy())
+    assert 0 < got_share(rt, x) < 1
+    # the run-time knob: a large penalty sends everyone down the cheap branch, as in the eager model
+    cheap = rt.run(x.numpy(), {"penalty": 1e6})
+    assert (cheap["branch"] == int(model.router.costs()["branches"].argmin())).all()
+    assert rt.run(np.zeros((0, 3, 16, 16), np.float32))["logits"].shape == (0, 10)
+    with pytest.raises(ValueError, match="penalty: expected a finite number"):
+        rt.run(x.numpy(), {"penalty": float("nan")})
+
+
+def got_share(rt, x) -> float:
+    return float(rt.run(x.numpy())["branch"].mean())
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"), [("hyper_mlp", "onnx"), ("hyper_mlp", "torch"), ("dyconv_resnet", "torch")]
+)
+def test_dynamic_parameter_models_export_as_one_graph(tmp_path, name, fmt):
+    torch.manual_seed(0)
+    kw = {"widths": (8, 16, 32), "image_size": 16} if name == "dyconv_resnet" else {}
+    model = dynets.create_model(name, **kw).eval()
+    x = torch.rand(9, *model.input_shape, generator=torch.Generator().manual_seed(3))
+    rt = load_runtime(export_model(model, tmp_path / "e", format=fmt))
+    assert isinstance(rt, SingleRuntime)
+    for xb in (x, x[:1]):
+        ref = model(xb)
+        got = rt.run(xb.numpy())
+        np.testing.assert_allclose(got["logits"], ref.logits.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(got["flops"], ref.flops.numpy())
+    assert rt.run(np.zeros((0, *model.input_shape), np.float32))["logits"].shape == (0, 10)
+
+
+def test_export_refuses_what_it_cannot_express(tmp_path, skipnet):
+    torch.manual_seed(0)
+    dyconv = dynets.create_model("dyconv_resnet", widths=(8, 16, 32), image_size=16)
+    with pytest.raises(ValueError, match="expected 'torch' for dyconv_resnet, got 'onnx'"):
+        export_model(dyconv, tmp_path / "d", format="onnx")
+    with pytest.raises(TypeError, match="expected a model of an exportable family"):
+        export_model(torch.nn.Linear(2, 2), tmp_path / "l")
+    with pytest.raises(ValueError, match="options of early-exit exports"):
+        export_model(skipnet[0], tmp_path / "s", whole_graph=True)
+    with pytest.raises(ValueError, match="format: expected one of"):
+        export_model(skipnet[0], tmp_path / "s", format="tflite")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
+        load_runtime(tmp_path / "nothing")
+    out = export_model(skipnet[0], tmp_path / "s")
+    with pytest.raises(ValueError, match="this export is of kind 'skip'"):
+        RouteRuntime(out)
+
+
+def test_cli_exports_a_saved_skip_model_with_a_self_contained_runtime(skipnet, tmp_path):
+    model, x = skipnet
+    dynets.save(model, tmp_path / "model")
+    assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "exp")]) == 0
+    spec = importlib.util.spec_from_file_location(
+        "copied_runtime_skip", tmp_path / "exp" / "dynets_runtime.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    got = mod.load_runtime(tmp_path / "exp").run(x.numpy())
+    np.testing.assert_array_equal(got["blocks_run"], model(x).decisions["blocks_run"].numpy())
+    sys.modules.pop("copied_runtime_skip", None)

@@ -32,6 +32,35 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+BERT_WORDS = (
+    "the a an this that movie film story plot acting cast is was are were good bad great awful fun dull "
+    "not very quite really funny boring smart silly and but it i loved hated every minute of"
+).split()
+BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *BERT_WORDS]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT (4 layers, hidden 32) with a word-level tokenizer over BERT_VOCAB, in the
+    Hugging Face layout (needs the `text` extra)."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=64,
+    )
+    transformers.BertModel(cfg).save_pretrained(d)
+    transformers.BertTokenizer(vocab={w: i for i, w in enumerate(BERT_VOCAB)}).save_pretrained(d)
+    return d
+
+
 def require_shared(relpath: str = "") -> Path:
     """``data_root() / relpath`` if it exists; otherwise skip the test (which fails it in CI: see the
     hooks at the end of this file)."""

@@ -35,11 +35,6 @@ from dynets.train.losses import multi_exit_loss
 
 transformers = pytest.importorskip("transformers")
 
-WORDS = (
-    "the a an this that movie film story plot acting cast is was are were good bad great awful fun dull "
-    "not very quite really funny boring smart silly and but it i loved hated every minute of"
-).split()
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
 SENTENCES = [
     "the movie was good",
     "bad",
@@ -60,22 +55,10 @@ MINILM = "models/all-MiniLM-L6-v2"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
+@pytest.fixture
+def tiny_dir(tiny_bert_dir) -> Path:
     """A tiny random BERT (4 layers, hidden 32) with a word-level tokenizer, in the HF layout."""
-    d = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=100,
-        max_position_embeddings=64,
-    )
-    transformers.BertModel(cfg).save_pretrained(d)
-    transformers.BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}).save_pretrained(d)
-    return d
+    return tiny_bert_dir
 
 
 def make_tiny(tiny_dir: Path, **kw) -> DynamicBert:
@@ -336,7 +319,7 @@ def test_encode_empty_and_too_long(tiny_dir):
         model.encode(["good", "", "bad"])
     with pytest.warns(UserWarning, match="1 of 2 texts"):
         x = model.encode(["good", "the movie was not very good and the plot was dull"])
-    assert x.shape == (2, 6) and x[1, -1].item() == VOCAB.index("[SEP]")
+    assert x.shape == (2, 6) and x[1, -1].item() == 3  # [SEP]: index 3 of the tiny vocabulary
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.encode(["good"])  # nothing truncated: no warning

@@ -11,6 +11,7 @@ from dynets.export.runtime import (
     SingleRuntime,
     SkipRuntime,
     StagedRuntime,
+    TextRuntime,
     load_runtime,
 )
 from dynets.export.staged import export_model_dir, export_staged
@@ -22,6 +23,7 @@ __all__ = [
     "SingleRuntime",
     "SkipRuntime",
     "StagedRuntime",
+    "TextRuntime",
     "WholeGraphEarlyExit",
     "export_model",
     "export_model_dir",

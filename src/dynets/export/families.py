@@ -5,6 +5,9 @@
     routing (RoutedResNet, routed_resnet)            trunk, the router's gate, one graph per branch
     dynamic parameters (dyconv_resnet, hyper_mlp)    one graph: the per-sample kernel mixture or
                                                      predicted weights have static shapes
+    Dynamic BERT (DynamicBert)                       embeddings, one graph per kept layer and per
+                                                     exit head, dynamic in batch and length; the
+                                                     current width x depth sub-network is exported
 
 The runtimes in `runtime.py` (copied into every export) run the gates between the graphs and each
 block or branch on its own rows only, as the eager executors do. `export_model` picks the
@@ -24,6 +27,7 @@ from dynets.export.staged import FORMATS, SUFFIX, FlatUnit, export_staged, write
 
 SUPPORTED = (
     "early exit (EarlyExitNetwork: ee_resnet, msdnet, ...)",
+    "Dynamic BERT (DynamicBert)",
     "block skipping (SkipNetwork: skip_resnet)",
     "routing (RoutedResNet: routed_resnet)",
     "dynamic parameters (dyconv_resnet, hyper_mlp)",
@@ -62,6 +66,93 @@ class _Logits(nn.Module):
         return (self.model.logits(xs[0]),)
 
 
+class _TextLayer(nn.Module):
+    """Encoder layer `i` of a DynamicBert at its current width: (hidden, valid) -> hidden. The
+    attention mask is built in the graph from the validity mask, in the additive form every
+    attention implementation takes."""
+
+    def __init__(self, model: nn.Module, i: int) -> None:
+        super().__init__()
+        self.model, self.i = model, i
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h, valid = xs
+        mask = (1.0 - valid[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+        out = self.model._layer(self.i, h, mask)
+        return (out[0] if isinstance(out, tuple) else out,)
+
+
+class _TextHead(nn.Module):
+    """Exit head (and learned-exit predictor) of a DynamicBert: (hidden, valid) -> logits[, score]."""
+
+    def __init__(self, head: nn.Module, predictor: nn.Module | None) -> None:
+        super().__init__()
+        self.head, self.predictor = head, predictor
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = self.head(xs[0], xs[1])
+        return (logits,) if self.predictor is None else (logits, self.predictor(logits))
+
+
+class _Embeddings(nn.Module):
+    def __init__(self, embeddings: nn.Module) -> None:
+        super().__init__()
+        self.embeddings = embeddings
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.embeddings(input_ids=xs[0]),)
+
+
+def _coefficients(cost: Any) -> list[float]:
+    return [float(cost.constant), float(cost.linear), float(cost.quadratic)]
+
+
+def export_text(model: nn.Module, out: str | Path, *, format: str, opset: int, example_batch: int) -> Path:
+    """Embeddings, layers and exit heads of a DynamicBert's current sub-network (kind "text")."""
+    BL = {0: "batch", 1: "length"}  # ids, validity and hidden states vary in both
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, model.vocab_size, (example_batch, 7), generator=gen)
+    valid = torch.ones(example_batch, 7, dtype=torch.bool)
+    valid[-1, 4:] = False
+    units: list[tuple[str, nn.Module, tuple[torch.Tensor, ...]]] = []
+    axes: dict[str, Any] = {"embeddings": ([BL], [BL])}
+    blocks = []
+    kept = model.active_layers
+    with torch.no_grad():
+        units.append(("embeddings", _Embeddings(model.embeddings).eval(), (ids,)))
+        h = model.embeddings(input_ids=ids)
+        for k, i in enumerate(kept):
+            layer = _TextLayer(model, i).eval()
+            units.append((f"layer_{i}", layer, (h, valid)))
+            axes[f"layer_{i}"] = ([BL, BL], [BL])
+            h = layer(h, valid)[0]
+            pred = model.exit_predictors[i] if (k < len(kept) - 1 and len(model.exit_predictors)) else None
+            units.append((f"head_{i}", _TextHead(model.heads[i], pred).eval(), (h, valid)))
+            axes[f"head_{i}"] = ([BL, BL], [{0: "batch"}] * (1 if pred is None else 2))
+            blocks.append({"exit": k, "layer": i, "learned": pred is not None})
+    u = model.unit_costs()
+    manifest = _manifest(model, "text", format, opset, units)
+    manifest.update(
+        input_shape=None,
+        num_classes=int(model.config.num_labels),
+        labels=list(model.config.labels),
+        pad_token_id=int(model.config.pad_token_id),
+        vocab_size=int(model.vocab_size),
+        max_positions=int(model.max_positions),
+        subnet={"width": model.config.width, "depth": model.config.depth},
+        blocks=blocks,
+        costs={
+            "embeddings": _coefficients(u["embeddings"]),
+            "layer": _coefficients(model.layer_cost()),
+            "head": _coefficients(u["head"]),
+            "predictor": float(u["predictor"]) if len(model.exit_predictors) else 0.0,
+        },
+        policy=model.policy.to_dict(),
+    )
+    bounds = {"length": int(model.max_positions)}
+    return write_export(out, units, manifest, format=format, opset=opset, axes=axes, bounds=bounds)
+
+
 def _example(model: nn.Module, batch: int) -> torch.Tensor:
     return torch.rand((batch, *model.input_shape), generator=torch.Generator().manual_seed(0))
 
@@ -72,8 +163,8 @@ def _manifest(model: nn.Module, kind: str, format: str, opset: int, units: list)
         "kind": kind,
         "dynets_export_version": 1,
         "architecture": type(model).__name__,
-        "input_shape": list(model.input_shape),
-        "num_classes": int(model.num_classes),
+        "input_shape": list(getattr(model, "input_shape", None) or []),
+        "num_classes": int(getattr(model, "num_classes", 0)),
         "units": {name: {"file": name + SUFFIX[format], "inputs": len(args)} for name, _, args in units},
         "opset": opset if format == "onnx" else None,
     }
@@ -156,6 +247,7 @@ def export_model(
     from dynets.depth.skipping import SkipNetwork
     from dynets.models.dynamic_params import DyConvResNet, HyperMLP
     from dynets.models.routing import RoutedResNet
+    from dynets.text.bert import DynamicBert  # imports transformers only when a model is built
 
     if all(hasattr(model, a) for a in ("stages", "heads", "exit_stages")):
         return export_staged(
@@ -171,6 +263,8 @@ def export_model(
         exporter = export_skip
     elif isinstance(model, RoutedResNet):
         exporter = export_route
+    elif isinstance(model, DynamicBert):
+        exporter = export_text
     elif isinstance(model, (DyConvResNet, HyperMLP)):
         exporter = export_single
         if isinstance(model, DyConvResNet) and format == "onnx":

@@ -7,7 +7,7 @@ exporter copies it into every exported directory as `dynets_runtime.py`, so an O
 anywhere NumPy and onnxruntime do:
 
     from dynets_runtime import load_runtime
-    rt = load_runtime("exported/")   # StagedRuntime, SkipRuntime, RouteRuntime or SingleRuntime
+    rt = load_runtime("exported/")   # StagedRuntime, SkipRuntime, RouteRuntime, SingleRuntime, TextRuntime
     out = rt.run(x)            # x: (B, C, H, W) float32; out["logits"], out["flops"], the decisions
 
 Early exit (StagedRuntime), per batch, as the eager model does:
@@ -154,7 +154,7 @@ class _Runtime:
             raise ValueError(f"{path}: format {self.format!r} is not 'onnx' or 'torch'")
         for name, unit in m["units"].items():
             self.graphs.load(name, unit["file"])
-        self.input_shape = tuple(m["input_shape"])
+        self.input_shape = tuple(m.get("input_shape") or ())  # () for token ids of any length
         self.num_classes = int(m["num_classes"])
 
     def _check(self, x: Any) -> np.ndarray:
@@ -344,7 +344,107 @@ class SingleRuntime(_Runtime):
         return {"logits": logits, "flops": np.full(x.shape[0], float(self.manifest["full_cost"]))}
 
 
-RUNTIMES = {r.kind: r for r in (StagedRuntime, SkipRuntime, RouteRuntime, SingleRuntime)}
+def _length_cost(coef: list[float], lengths: np.ndarray) -> np.ndarray:
+    """c + a*L + b*L^2 in float64, as `LengthCost` computes it."""
+    L = lengths.astype(np.float64)
+    return coef[0] + coef[1] * L + coef[2] * L * L
+
+
+class TextRuntime(_Runtime):
+    """Runs an exported Dynamic BERT on token ids (B, L) int64, right-padded with the pad id (any
+    BERT tokenizer's `input_ids`): sentences that exit leave the batch, and the padding is trimmed
+    to the longest sentence still running, as the eager model does. `policy` as for early exit."""
+
+    kind = "text"
+
+    def __init__(
+        self, directory: str | Path, *, threads: int = 1, providers: list[str] | None = None
+    ) -> None:
+        super().__init__(directory, threads=threads, providers=providers)
+        m = self.manifest
+        self.blocks, self.costs = m["blocks"], m["costs"]
+        self.pad, self.vocab_size, self.max_positions = m["pad_token_id"], m["vocab_size"], m["max_positions"]
+        self.labels = m["labels"]
+        self.policy = NumpyPolicy(m["policy"])
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.blocks)
+
+    def exit_costs(self, lengths: np.ndarray, learned: bool) -> np.ndarray:
+        """(B, K) FLOPs of leaving at each exit (embeddings, then one layer and head per exit)."""
+        c, K = self.costs, self.num_exits
+        n = np.arange(1, K + 1, dtype=np.float64)
+        per = _length_cost(c["layer"], lengths)[:, None] + _length_cost(c["head"], lengths)[:, None]
+        cost = _length_cost(c["embeddings"], lengths)[:, None] + n * per
+        if learned:
+            cost = cost + np.minimum(n, K - 1) * c["predictor"]
+        return cost
+
+    def _check_ids(self, ids: Any) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu" or ids.ndim != 2:
+            raise ValueError(
+                f"input: expected token ids (B, L) of an integer dtype, got {ids.dtype} {ids.shape}"
+            )
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(
+                f"input: expected token ids in [0, {self.vocab_size}), "
+                f"got values in [{ids.min()}, {ids.max()}]"
+            )
+        if ids.shape[0] and ids.shape[1] == 0:
+            raise ValueError("input: expected at least one token per sentence (L >= 1), got L = 0")
+        return ids.astype(np.int64)
+
+    def run(self, ids: np.ndarray, policy: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """logits (B, C), exit_index (B,), exit_layer (B,), flops (B,) for token ids (B, L)."""
+        pol = self.policy if policy is None else NumpyPolicy(policy)
+        ids = self._check_ids(ids)
+        if pol.needs_learned and not all(b["learned"] for b in self.blocks[:-1]):
+            raise ValueError("policy 'learned' needs learned-exit scores, but this export has none")
+        B, K = ids.shape[0], self.num_exits
+        out = np.zeros((B, self.num_classes), dtype=np.float32)
+        exit_index = np.full(B, K - 1, dtype=np.int64)
+        layers = np.asarray([b["layer"] for b in self.blocks], dtype=np.int64)
+        if B == 0:
+            empty = np.zeros(0, dtype=np.float64)
+            return {"logits": out, "exit_index": exit_index, "exit_layer": exit_index, "flops": empty}
+        pos = np.arange(1, ids.shape[1] + 1)
+        lengths = np.maximum(((ids != self.pad) * pos).max(1), 1)  # last non-pad position + 1
+        if lengths.max() > self.max_positions:
+            raise ValueError(
+                f"input: expected at most {self.max_positions} tokens (the encoder's positions), "
+                f"got {lengths.max()}"
+            )
+        ids = np.ascontiguousarray(ids[:, : lengths.max()])
+        valid = ids != self.pad
+        valid[:, 0] = True
+        idx, lens, state = np.arange(B), lengths, pol.init_state(B)
+        h = self.graphs.run("embeddings", [ids])[0]
+        for k, block in enumerate(self.blocks):
+            h = self.graphs.run(f"layer_{block['layer']}", [h, valid])[0]  # 1. the active rows
+            head_out = self.graphs.run(f"head_{block['layer']}", [h, valid])  # 2. logits
+            logits = head_out[0]
+            if k == K - 1:
+                out[idx], exit_index[idx] = logits, k
+                break
+            learned = head_out[1] if (pol.needs_learned and len(head_out) > 1) else None
+            stop, state = pol.step(k, logits, state, learned)  # 3. who stops here
+            if stop.any():
+                out[idx[stop]], exit_index[idx[stop]] = logits[stop], k
+                if stop.all():
+                    break
+                keep = ~stop  # 4. compaction, then the padding trimmed to the longest survivor
+                idx, lens = idx[keep], lens[keep]
+                L = int(lens.max())
+                h = np.ascontiguousarray(h[keep][:, :L])
+                valid = np.ascontiguousarray(valid[keep][:, :L])
+                state = {n: v[keep] for n, v in state.items()}
+        flops = self.exit_costs(lengths, pol.needs_learned)[np.arange(B), exit_index]
+        return {"logits": out, "exit_index": exit_index, "exit_layer": layers[exit_index], "flops": flops}
+
+
+RUNTIMES = {r.kind: r for r in (StagedRuntime, SkipRuntime, RouteRuntime, SingleRuntime, TextRuntime)}
 
 
 def load_runtime(directory: str | Path, **kw: Any) -> _Runtime:
@@ -362,7 +462,11 @@ def main() -> None:  # `python dynets_runtime.py DIR` runs a random batch: a smo
     import sys
 
     rt = load_runtime(sys.argv[1])
-    x = np.random.default_rng(0).random((4, *rt.input_shape), dtype=np.float32)
+    rng = np.random.default_rng(0)
+    if isinstance(rt, TextRuntime):
+        x = rng.integers(1, rt.vocab_size, (4, 12))
+    else:
+        x = rng.random((4, *rt.input_shape), dtype=np.float32)
     r = rt.run(x)
     print({k: v.tolist() for k, v in r.items() if k != "logits"})
 

@@ -79,36 +79,64 @@ def _check_model(model: nn.Module) -> None:
         raise TypeError("export: expected the original model, got an optimize_for_inference copy")
 
 
-def _export_onnx(unit: nn.Module, args: tuple[torch.Tensor, ...], path: Path, opset: int) -> None:
+def _export_onnx(
+    unit: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    opset: int,
+    axes: list[dict[int, str]] | None = None,
+    out_axes: list[dict[int, str]] | None = None,
+    bounds: dict[str, int] | None = None,
+) -> None:
+    """`axes` / `out_axes`: the dynamic dimensions of each input / output (default: dim 0, "batch")."""
     require("onnx", "dynets export --format onnx")
     n_out = len(unit(*args))
     names_in = [f"in{i}" for i in range(len(args))]
     names_out = [f"out{i}" for i in range(n_out)]
-    axes = {n: {0: "batch"} for n in names_in + names_out}
+    axes = axes or [{0: "batch"}] * len(args)
+    out_axes = out_axes or [{0: "batch"}] * n_out
+    dyn = {**dict(zip(names_in, axes)), **dict(zip(names_out, out_axes))}
     kw: dict[str, Any] = dict(input_names=names_in, output_names=names_out, opset_version=opset)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
                 raise TypeError("no dynamo switch")
-            torch.onnx.export(unit, args, str(path), dynamic_axes=axes, dynamo=False, **kw)
+            torch.onnx.export(unit, args, str(path), dynamic_axes=dyn, dynamo=False, **kw)
         except TypeError:  # a torch without the legacy exporter: the dynamo one (needs onnxscript)
-            batch = torch.export.Dim("batch", min=1, max=1 << 20)
-            torch.onnx.export(
-                unit, args, str(path), dynamic_shapes=[{0: batch}] * len(args), dynamo=True, **kw
-            )
+            shapes = _torch_dims(axes, bounds)
+            torch.onnx.export(unit, args, str(path), dynamic_shapes=shapes, dynamo=True, **kw)
     import onnx
 
     onnx.checker.check_model(onnx.load(str(path)))
 
 
-def _export_torch(unit: nn.Module, args: tuple[torch.Tensor, ...], path: Path) -> None:
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+MAX_DIM = 1 << 20
+
+
+def _torch_dims(axes: list[dict[int, str]], bounds: dict[str, int] | None = None) -> list[dict[int, Any]]:
+    """torch.export dims for named dynamic axes (one Dim per name, shared across inputs);
+    `bounds[name]`: the largest size of that axis (default MAX_DIM)."""
+    dims: dict[str, Any] = {}
+    for a in axes:
+        for name in a.values():
+            if name not in dims:
+                dims[name] = torch.export.Dim(name, min=1, max=(bounds or {}).get(name, MAX_DIM))
+    return [{d: dims[n] for d, n in a.items()} for a in axes]
+
+
+def _export_torch(
+    unit: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    axes: list[dict[int, str]] | None = None,
+    bounds: dict[str, int] | None = None,
+) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         # modules that keep their last decisions as attributes (for the eager model's report)
         # assign them while tracing; the graph does not need them
         warnings.filterwarnings("ignore", message="The tensor attribute")
-        shapes = (tuple({0: batch} for _ in args),)  # one entry: the *flat varargs tuple
+        shapes = (tuple(_torch_dims(axes or [{0: "batch"}] * len(args), bounds)),)  # the *flat varargs
         ep = torch.export.export(unit, args, dynamic_shapes=shapes)
     torch.export.save(ep, str(path))
 
@@ -199,18 +227,22 @@ def write_export(
     format: str,
     opset: int,
     extra: Any = None,
+    axes: dict[str, tuple[list[dict[int, str]], list[dict[int, str]]]] | None = None,
+    bounds: dict[str, int] | None = None,
 ) -> Path:
     """Export each (name, unit, example args) graph, copy the runtime, write the manifest, all into
     a temporary directory renamed to `out` at the end. `extra(tmp)` may add files (and manifest
-    entries) before the manifest is written."""
+    entries) before the manifest is written. `axes[name]`: the unit's dynamic input and output
+    dimensions, where more than the batch dimension varies."""
 
     def write(tmp: Path) -> None:
         for name, unit, args in units:
             path = tmp / (name + SUFFIX[format])
+            ins, outs = (axes or {}).get(name, (None, None))
             if format == "onnx":
-                _export_onnx(unit, args, path, opset)
+                _export_onnx(unit, args, path, opset, ins, outs, bounds)
             else:
-                _export_torch(unit, args, path)
+                _export_torch(unit, args, path, ins, bounds)
         if extra is not None:
             extra(tmp)
         shutil.copyfile(runtime.__file__, tmp / "dynets_runtime.py")

@@ -13,7 +13,7 @@ import torch
 
 import dynets
 from dynets.depth.skipping import SkipPolicy
-from dynets.export import RouteRuntime, SingleRuntime, SkipRuntime, export_model, load_runtime
+from dynets.export import RouteRuntime, SingleRuntime, SkipRuntime, WidthRuntime, export_model, load_runtime
 from dynets.serve.cli import main
 
 pytest.importorskip("onnxruntime")
@@ -108,6 +108,29 @@ def test_route_export_runs_each_branch_on_its_own_rows(routed, tmp_path, fmt):
 
 def got_share(rt, x) -> float:
     return float(rt.run(x.numpy())["branch"].mean())
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch"])
+def test_width_export_runs_each_width_on_the_rows_the_chooser_sends(tmp_path, fmt):
+    torch.manual_seed(0)
+    model = dynets.create_model("slimmable_resnet", widths=(8, 16, 32), image_size=16).eval()
+    x = torch.rand(24, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        conf = model.forward_width(x, 0).softmax(-1).amax(-1)
+    v = conf.sort().values  # two thresholds in gaps of the confidences: three width groups
+    t = [float((v[15] + v[16]) / 2), float((v[7] + v[8]) / 2)]
+    model.width_policy = type(model.width_policy)([t[0], t[1], 0.0])
+    rt = load_runtime(export_model(model, tmp_path / "e", format=fmt))
+    assert isinstance(rt, WidthRuntime)
+    for xb, pol in ((x, None), (x[:1], None), (x, {"thresholds": [1.0]})):
+        ref = model(xb, policy=None if pol is None else type(model.width_policy)(pol["thresholds"]))
+        got = rt.run(xb.numpy(), pol)
+        np.testing.assert_array_equal(got["width_index"], ref.decisions["width_index"].numpy())
+        np.testing.assert_allclose(got["logits"], ref.logits.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(got["flops"], ref.flops.numpy())
+    assert len(set(rt.run(x.numpy())["width_index"].tolist())) == 3
+    with pytest.raises(ValueError, match="width policy: expected 1 or 3 thresholds"):
+        rt.run(x.numpy(), {"thresholds": [0.5, 0.5]})
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from dynets.export.runtime import (
     SkipRuntime,
     StagedRuntime,
     TextRuntime,
+    WidthRuntime,
     load_runtime,
 )
 from dynets.export.staged import export_model_dir, export_staged
@@ -24,6 +25,7 @@ __all__ = [
     "SkipRuntime",
     "StagedRuntime",
     "TextRuntime",
+    "WidthRuntime",
     "WholeGraphEarlyExit",
     "export_model",
     "export_model_dir",

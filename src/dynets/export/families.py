@@ -3,6 +3,8 @@
     block skipping (SkipNetwork, e.g. skip_resnet)   stem, one graph per block, one per gate
                                                      (-> the execute probability), head
     routing (RoutedResNet, routed_resnet)            trunk, the router's gate, one graph per branch
+    dynamic width (SlimmableNetwork, slimmable_resnet) one graph per width; the smallest also gives
+                                                     the confidence the width chooser reads
     dynamic parameters (dyconv_resnet, hyper_mlp)    one graph: the per-sample kernel mixture or
                                                      predicted weights have static shapes
     Dynamic BERT (DynamicBert)                       embeddings, one graph per kept layer and per
@@ -30,6 +32,7 @@ SUPPORTED = (
     "Dynamic BERT (DynamicBert)",
     "block skipping (SkipNetwork: skip_resnet)",
     "routing (RoutedResNet: routed_resnet)",
+    "dynamic width (SlimmableNetwork: slimmable_resnet)",
     "dynamic parameters (dyconv_resnet, hyper_mlp)",
 )
 
@@ -55,6 +58,21 @@ class _GateProbability(nn.Module):
 
     def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (torch.sigmoid(self.gate(xs[0]).float()),)
+
+
+class _AtWidth(nn.Module):
+    """A slimmable network at width index `wi`: logits, and at the smallest width also the max
+    softmax confidence the width chooser compares with its thresholds."""
+
+    def __init__(self, model: nn.Module, wi: int) -> None:
+        super().__init__()
+        self.model, self.wi = model, wi
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = self.model.forward_width(xs[0], self.wi)
+        if self.wi:
+            return (logits,)
+        return logits, logits.float().softmax(-1).amax(-1)
 
 
 class _Logits(nn.Module):
@@ -224,6 +242,20 @@ def export_route(model: nn.Module, out: str | Path, *, format: str, opset: int, 
     return write_export(out, units, manifest, format=format, opset=opset)
 
 
+def export_width(model: nn.Module, out: str | Path, *, format: str, opset: int, example_batch: int) -> Path:
+    """One graph per width of a SlimmableNetwork (kind "width")."""
+    x = _example(model, example_batch)
+    units = [(f"width_{k}", _AtWidth(model, k).eval(), (x,)) for k in range(model.num_widths)]
+    manifest = _manifest(model, "width", format, opset, units)
+    manifest.update(
+        width_mults=list(model.width_mults),
+        width_costs=model.width_costs().tolist(),
+        full_cost=float(model.width_costs()[-1]),
+        policy={"thresholds": list(model.width_policy.thresholds)},
+    )
+    return write_export(out, units, manifest, format=format, opset=opset)
+
+
 def export_single(model: nn.Module, out: str | Path, *, format: str, opset: int, example_batch: int) -> Path:
     """A model whose per-sample adaptation has static shapes, as one graph (kind "single")."""
     units = [("model", _Logits(model).eval(), (_example(model, example_batch),))]
@@ -248,6 +280,7 @@ def export_model(
     from dynets.models.dynamic_params import DyConvResNet, HyperMLP
     from dynets.models.routing import RoutedResNet
     from dynets.text.bert import DynamicBert  # imports transformers only when a model is built
+    from dynets.width.slimmable import SlimmableNetwork
 
     if all(hasattr(model, a) for a in ("stages", "heads", "exit_stages")):
         return export_staged(
@@ -265,6 +298,8 @@ def export_model(
         exporter = export_route
     elif isinstance(model, DynamicBert):
         exporter = export_text
+    elif isinstance(model, SlimmableNetwork):
+        exporter = export_width
     elif isinstance(model, (DyConvResNet, HyperMLP)):
         exporter = export_single
         if isinstance(model, DyConvResNet) and format == "onnx":

@@ -7,8 +7,9 @@ exporter copies it into every exported directory as `dynets_runtime.py`, so an O
 anywhere NumPy and onnxruntime do:
 
     from dynets_runtime import load_runtime
-    rt = load_runtime("exported/")   # StagedRuntime, SkipRuntime, RouteRuntime, SingleRuntime, TextRuntime
-    out = rt.run(x)            # x: (B, C, H, W) float32; out["logits"], out["flops"], the decisions
+    rt = load_runtime("exported/")   # the runtime of the export's kind (classes below)
+    out = rt.run(x)            # x: (B, C, H, W) float32 (token ids for text); out["logits"],
+                               # out["flops"] and the decisions (exit_index, blocks_run, ...)
 
 Early exit (StagedRuntime), per batch, as the eager model does:
   1. run the block's stage graphs on the rows still active        h: list of (B_active, ...)
@@ -327,6 +328,57 @@ class RouteRuntime(_Runtime):
         return {"logits": out, "branch": branch.astype(np.int64), "flops": self.branch_costs[branch]}
 
 
+class WidthRuntime(_Runtime):
+    """Runs an exported slimmable network: every sample at the smallest width first; those whose
+    confidence is below the thresholds re-run at the width the policy picks, each width on its own
+    rows only. `policy`: {"thresholds": [t] or [t per width but the last]}."""
+
+    kind = "width"
+
+    def __init__(
+        self, directory: str | Path, *, threads: int = 1, providers: list[str] | None = None
+    ) -> None:
+        super().__init__(directory, threads=threads, providers=providers)
+        m = self.manifest
+        self.width_mults = np.asarray(m["width_mults"], dtype=np.float64)
+        self.width_costs = np.asarray(m["width_costs"], dtype=np.float64)
+        self.policy = m["policy"]
+
+    def choose(self, confidence: np.ndarray, thresholds: list[float]) -> np.ndarray:
+        K = len(self.width_mults)
+        if len(thresholds) not in (1, K - 1) or any(
+            isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1 for t in thresholds
+        ):
+            raise ValueError(f"width policy: expected 1 or {K - 1} thresholds in [0, 1], got {thresholds!r}")
+        out = np.full(confidence.shape, K - 1, dtype=np.int64)
+        for k in reversed(range(min(len(thresholds), K - 1))):  # the first match wins
+            out = np.where(confidence >= thresholds[k], k, out)
+        return out
+
+    def run(self, x: np.ndarray, policy: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """logits (B, C), width (B,), width_index (B,), flops (B,) for a batch x (B, *input_shape)."""
+        t = (policy or self.policy).get("thresholds", [0.9])
+        thresholds = [t] if isinstance(t, (int, float)) else list(t)
+        x = self._check(x)
+        B = x.shape[0]
+        if B == 0:
+            return {
+                "logits": np.zeros((0, self.num_classes), dtype=np.float32),
+                "width": np.zeros(0),
+                "width_index": np.zeros(0, dtype=np.int64),
+                "flops": np.zeros(0),
+            }
+        logits, conf = self.graphs.run("width_0", [x])  # 1. everyone at the smallest width
+        index = self.choose(conf, thresholds)  # 2. a width per sample
+        logits = np.array(logits)
+        for k in range(1, len(self.width_mults)):  # 3. each wider width on its own rows
+            rows = index == k
+            if rows.any():
+                logits[rows] = self.graphs.run(f"width_{k}", [np.ascontiguousarray(x[rows])])[0]
+        flops = self.width_costs[0] + np.where(index > 0, self.width_costs[index], 0.0)
+        return {"logits": logits, "width": self.width_mults[index], "width_index": index, "flops": flops}
+
+
 class SingleRuntime(_Runtime):
     """Runs an exported model whose input-dependence lives inside one static-shape graph
     (dynamic convolution's per-sample kernel mixture, a hypernetwork's per-sample weights)."""
@@ -444,7 +496,9 @@ class TextRuntime(_Runtime):
         return {"logits": out, "exit_index": exit_index, "exit_layer": layers[exit_index], "flops": flops}
 
 
-RUNTIMES = {r.kind: r for r in (StagedRuntime, SkipRuntime, RouteRuntime, SingleRuntime, TextRuntime)}
+RUNTIMES = {
+    r.kind: r for r in (StagedRuntime, SkipRuntime, RouteRuntime, WidthRuntime, SingleRuntime, TextRuntime)
+}
 
 
 def load_runtime(directory: str | Path, **kw: Any) -> _Runtime:

@@ -61,6 +61,11 @@ def scaled(channels: int, width: float) -> int:
     return max(1, int(channels * width + 0.5))
 
 
+def _tracing() -> bool:
+    """Under torch.export / torch.compile: no cache (traced tensors have no data to key it by)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 def _is_nhwc(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
@@ -99,7 +104,7 @@ class SlimmableConv2d(nn.Conv2d):
             raise ValueError(f"input: expected at most {self.in_channels} channels, got {cin}")
         if cout == self.out_channels and cin == self.in_channels:
             return self.weight, self.bias
-        if torch.is_grad_enabled() and self.weight.requires_grad:
+        if (torch.is_grad_enabled() and self.weight.requires_grad) or _tracing():
             return self.weight[:cout, :cin], None if self.bias is None else self.bias[:cout]
         key = (self.weight._version, self.weight.data_ptr())
         hit = self._cache.get(wi)

@@ -151,6 +151,29 @@ def test_dynamic_parameter_models_export_as_one_graph(tmp_path, name, fmt):
     assert rt.run(np.zeros((0, *model.input_shape), np.float32))["logits"].shape == (0, 10)
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "torch"])
+def test_token_pruning_and_merging_export_as_one_graph_with_the_kept_tokens(tmp_path, fmt):
+    torch.manual_seed(0)
+    small = {"dim": 48, "heads": 3, "image_size": 16}
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    dvit = dynets.create_model("dynamicvit_tiny", **small).eval()
+    dvit.keep_ratio = 0.5
+    rt = load_runtime(export_model(dvit, tmp_path / "d", format=fmt))
+    ref, got = dvit(x), rt.run(x.numpy())
+    np.testing.assert_allclose(got["logits"], ref.logits.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(got["flops"], ref.flops.numpy())
+    for s in range(len(dvit.predictors)):  # each sample's own kept patches, as the eager model chose
+        np.testing.assert_array_equal(got[f"kept_idx_{s}"], ref.decisions[f"kept_idx_{s}"].numpy())
+    assert rt.manifest["settings"] == {"keep_ratio": 0.5}
+    tvit = dynets.create_model("tome_vit_tiny", merge_r=4, **small).eval()
+    rt = load_runtime(export_model(tvit, tmp_path / "t", format=fmt))
+    ref, got = tvit(x), rt.run(x.numpy())
+    np.testing.assert_allclose(got["logits"], ref.logits.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(got["flops"], ref.flops.numpy())
+    with pytest.raises(ValueError, match="has no run-time policy"):
+        rt.run(x.numpy(), {"keep_ratio": 0.7})
+
+
 def test_export_refuses_what_it_cannot_express(tmp_path, skipnet):
     torch.manual_seed(0)
     dyconv = dynets.create_model("dyconv_resnet", widths=(8, 16, 32), image_size=16)

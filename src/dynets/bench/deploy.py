@@ -210,13 +210,14 @@ FAMILIES = (
     ("routed_resnet", "routing_params_{data}-routed-*", "branch", ("onnx", "torch")),
     ("slimmable_resnet", "skip_width_{data}-slim-*", "width_index", ("onnx", "torch")),
     ("dyconv_resnet", "routing_params_{data}-dyconv-*", None, ("torch",)),  # no ONNX form: see export
+    ("dynamicvit_tiny", "spatial_{data}-dvit-*", "kept_idx_0", ("onnx", "torch")),
 )
 
 
 def _family_entries(data: str, x: torch.Tensor, rounds: int, threads: int) -> dict[str, Any]:
-    """Block skipping, routing, dynamic width and dynamic convolution, each exported from its trained
-    model of the issue-4 benchmarks when that is cached (else recorded as missing): decisions,
-    logits and FLOPs against the eager model with the policy it was saved with, and speed."""
+    """Block skipping, routing, dynamic width, dynamic convolution and token pruning, each exported
+    from its trained model of the issue-4/5 benchmarks when that is cached (else recorded as
+    missing): decisions, logits and FLOPs against the eager model with its saved policy, and speed."""
     from dynets.export import export_model, load_runtime
 
     out: dict[str, Any] = {}

@@ -7,6 +7,9 @@
                                                      the confidence the width chooser reads
     dynamic parameters (dyconv_resnet, hyper_mlp)    one graph: the per-sample kernel mixture or
                                                      predicted weights have static shapes
+    token pruning / merging (dynamicvit, tome)       one graph at the current keep ratio or merge
+                                                     count (each sample keeps its own tokens; the
+                                                     kept indices are graph outputs)
     Dynamic BERT (DynamicBert)                       embeddings, one graph per kept layer and per
                                                      exit head, dynamic in batch and length; the
                                                      current width x depth sub-network is exported
@@ -34,6 +37,7 @@ SUPPORTED = (
     "routing (RoutedResNet: routed_resnet)",
     "dynamic width (SlimmableNetwork: slimmable_resnet)",
     "dynamic parameters (dyconv_resnet, hyper_mlp)",
+    "token pruning and merging at a fixed keep ratio / merge count (dynamicvit_tiny, tome_vit_tiny)",
 )
 
 
@@ -75,13 +79,35 @@ class _AtWidth(nn.Module):
         return logits, logits.float().softmax(-1).amax(-1)
 
 
-class _Logits(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+class _OneGraph(nn.Module):
+    """A whole model at its current setting as one graph: `fn(x)` -> (logits, *decisions)."""
+
+    def __init__(self, model: nn.Module, fn: Any) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.fn = model, fn
 
     def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (self.model.logits(xs[0]),)
+        return tuple(self.fn(xs[0]))
+
+
+def _one_graph(model: nn.Module) -> tuple[Any, list[str], dict[str, Any]]:
+    """(fn, output names, settings) of a model whose adaptation has static shapes at inference."""
+    from dynets.spatial.merging import ToMeViT, tome_forward
+    from dynets.spatial.token_pruning import DynamicViT
+
+    if isinstance(model, DynamicViT):
+        rho = model.keep_ratio
+        S = len(model.predictors)
+
+        def pruned(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            logits, kept = model.forward_pruned(x, rho)
+            return (logits, *kept)
+
+        return pruned, ["logits", *[f"kept_idx_{s}" for s in range(S)]], {"keep_ratio": rho}
+    if isinstance(model, ToMeViT):
+        r = model.merge_r
+        return (lambda x: (tome_forward(model, x, r, track=False)[0],)), ["logits"], {"merge_r": r}
+    return (lambda x: (model.logits(x),)), ["logits"], {}
 
 
 class _TextLayer(nn.Module):
@@ -257,10 +283,19 @@ def export_width(model: nn.Module, out: str | Path, *, format: str, opset: int, 
 
 
 def export_single(model: nn.Module, out: str | Path, *, format: str, opset: int, example_batch: int) -> Path:
-    """A model whose per-sample adaptation has static shapes, as one graph (kind "single")."""
-    units = [("model", _Logits(model).eval(), (_example(model, example_batch),))]
+    """A model whose per-sample adaptation has static shapes (at its current setting: a DynamicViT's
+    keep ratio, a ToMe merge count), as one graph with its decisions as extra outputs (kind "single")."""
+    fn, names, settings = _one_graph(model)
+    x = _example(model, example_batch)
+    with torch.no_grad():
+        flops = model(x).flops
+    if not bool((flops == flops[0]).all()):
+        raise ValueError(f"export: expected the same FLOPs for every sample of a {type(model).__name__}")
+    units = [("model", _OneGraph(model, fn).eval(), (x,))]
     manifest = _manifest(model, "single", format, opset, units)
-    manifest["full_cost"] = float(model.full_cost())
+    manifest.update(
+        outputs=names, settings=settings, flops=float(flops[0]), full_cost=float(model.full_cost())
+    )
     return write_export(out, units, manifest, format=format, opset=opset)
 
 
@@ -279,6 +314,8 @@ def export_model(
     from dynets.depth.skipping import SkipNetwork
     from dynets.models.dynamic_params import DyConvResNet, HyperMLP
     from dynets.models.routing import RoutedResNet
+    from dynets.spatial.merging import ToMeViT
+    from dynets.spatial.token_pruning import DynamicViT
     from dynets.text.bert import DynamicBert  # imports transformers only when a model is built
     from dynets.width.slimmable import SlimmableNetwork
 
@@ -300,7 +337,7 @@ def export_model(
         exporter = export_text
     elif isinstance(model, SlimmableNetwork):
         exporter = export_width
-    elif isinstance(model, (DyConvResNet, HyperMLP)):
+    elif isinstance(model, (DyConvResNet, HyperMLP, DynamicViT, ToMeViT)):
         exporter = export_single
         if isinstance(model, DyConvResNet) and format == "onnx":
             raise ValueError(

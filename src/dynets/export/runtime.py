@@ -381,19 +381,27 @@ class WidthRuntime(_Runtime):
 
 class SingleRuntime(_Runtime):
     """Runs an exported model whose input-dependence lives inside one static-shape graph
-    (dynamic convolution's per-sample kernel mixture, a hypernetwork's per-sample weights)."""
+    (dynamic convolution's per-sample kernel mixture, a hypernetwork's per-sample weights,
+    DynamicViT's per-sample kept tokens at a fixed keep ratio, ToMe merging at a fixed count)."""
 
     kind = "single"
 
     def run(self, x: np.ndarray, policy: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
-        """logits (B, C) and flops (B,) for a batch x (B, *input_shape); no run-time knob."""
+        """logits (B, C), flops (B,) and the graph's decisions (e.g. kept_idx_s) for a batch x;
+        the setting is the one exported (no run-time knob)."""
         if policy:
-            raise ValueError(f"this export ({self.manifest['architecture']}) has no policy; got {policy!r}")
+            raise ValueError(
+                f"this export ({self.manifest['architecture']}) has no run-time policy; got {policy!r}"
+            )
         x = self._check(x)
+        names = self.manifest.get("outputs", ["logits"])
+        flops = float(self.manifest.get("flops", self.manifest["full_cost"]))
         if x.shape[0] == 0:
-            return {"logits": np.zeros((0, self.num_classes), dtype=np.float32), "flops": np.zeros(0)}
-        logits = self.graphs.run("model", [x])[0]
-        return {"logits": logits, "flops": np.full(x.shape[0], float(self.manifest["full_cost"]))}
+            out = {"logits": np.zeros((0, self.num_classes), dtype=np.float32)}
+            out.update({n: np.zeros((0, 0), dtype=np.int64) for n in names[1:]})
+            return {**out, "flops": np.zeros(0)}
+        out = dict(zip(names, self.graphs.run("model", [x])))
+        return {**out, "flops": np.full(x.shape[0], flops)}
 
 
 def _length_cost(coef: list[float], lengths: np.ndarray) -> np.ndarray:

@@ -231,7 +231,7 @@ def test_bad_input_and_empty_batch():
     MoEConfig(D, FF, capacity_factor=0.0, dropless=True)  # allowed when dropless is explicit
 
 
-def test_bert_layer_replacement_runs_and_equals_dense_at_init():
+def test_bert_layer_replacement_runs_and_equals_dense_at_init(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
@@ -279,6 +279,22 @@ def test_bert_layer_replacement_runs_and_equals_dense_at_init():
     dyn = db(ids, ConfidencePolicy(0.6))
     assert torch.equal(dyn.exit_index, ref_dyn.exit_index)
     assert (dyn.flops > ref_dyn.flops).all()  # k=2 experts of the dense FFN's size per token
+
+    # the MoE layers are in the saved config: dynets.load rebuilds them, outputs identical
+    with torch.no_grad():  # experts that differ, so a load into dense or wrong layers would show
+        for moe in (m for m in db.modules() if isinstance(m, MoE)):
+            for e in moe.experts:
+                e.fc1.weight.add_(0.1 * torch.randn_like(e.fc1.weight))
+    save(db, tmp_path / "moe-bert")
+    back = load(tmp_path / "moe-bert").eval()
+    assert back.config.moe["num_experts"] == 4 and back.config.moe["layers"] == [0, 1]
+    for a, b in zip(back.all_exit_logits(ids), db.all_exit_logits(ids)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert torch.equal(back(ids, ConfidencePolicy(0.6)).flops, db(ids, ConfidencePolicy(0.6)).flops)
+    with pytest.raises(ValueError, match="one MoE setting"):
+        replace_bert_ffn_with_moe(back, num_experts=8, k=1, layers=[0])
+    with pytest.raises(ValueError, match="expected width 1.0"):
+        back.set_subnet(width=0.5)
 
 
 # ------------------------------------------------------------------------- the zoo's transformer

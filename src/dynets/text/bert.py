@@ -79,6 +79,9 @@ class DynamicBertConfig:
     # mean of the valid tokens). Mean-pooling sentence encoders such as MiniLM carry little signal
     # in their early [CLS] states. The last layer's head always uses [CLS], the static classifier.
     exit_pooling: str = "cls"
+    # Mixture-of-experts FFNs (width/moe.replace_bert_ffn_with_moe): {"num_experts", "k", "layers",
+    # "config"}, recorded by that call so that dynets.load rebuilds the same layers. None: dense FFNs.
+    moe: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.encoder, dict) or "hidden_size" not in self.encoder:
@@ -168,6 +171,13 @@ class DynamicBert(nn.Module):
         for p in self.exit_predictors.parameters():  # fitted afterwards (fit_learned_exits), never by train()
             p.requires_grad_(False)
         self.policy: ExitPolicy = policy if policy is not None else ConfidencePolicy(0.9)
+        if config.moe:  # rebuild the recorded MoE layers (their weights come from the checkpoint)
+            from dynets.width.moe import replace_bert_ffn_with_moe
+
+            spec = config.moe
+            replace_bert_ffn_with_moe(
+                self, spec["num_experts"], spec["k"], spec["layers"], noise=0.0, **spec["config"]
+            )
         self.set_subnet(config.width, config.depth)
 
     # ------------------------------------------------------------------ width and depth (DynaBERT)
@@ -175,6 +185,11 @@ class DynamicBert(nn.Module):
         """Run the sub-network of this width (one of dynabert.WIDTHS) and depth (in (0, 1]) from now
         on; (1.0, 1.0) is the original model. Stored in the config, so it survives save/load."""
         width, depth = check_width(width), check_depth(depth)
+        if width < 1.0 and self.config.moe:
+            raise ValueError(
+                f"width: narrow sub-networks slice dense FFNs, and this model's FFNs are mixtures of "
+                f"experts; expected width 1.0, got {width}"
+            )
         heads, neurons = subnet_sizes(self.layers[0], width) if width < 1.0 else (None, None)
         self._kept = kept_layers(len(self.layers), depth)
         self._heads, self._neurons = heads, neurons

@@ -520,10 +520,10 @@ def replace_bert_ffn_with_moe(
     when no token is dropped; pass dropless=False, capacity_factor=... to cap experts. The layers
     keep their input and output format. Their auxiliary losses are not part of the model's output:
     add `moe_aux_loss(model)` to the loss. Returns {layer index: its MoE}.
-    DynamicBert caveats: it measures one layer (layer 0) and charges every layer that cost, so
-    replace all layers (the default) for exact per-sample FLOPs; and dynets.load cannot rebuild
-    it with MoE layers (its config does not describe them): save its state_dict, and repeat this
-    call on a fresh model before loading it.
+    DynamicBert: the call is recorded in its config (`moe`), so dynets.save / dynets.load round-trip
+    the MoE layers; it measures one layer (layer 0) and charges every layer that cost, so replace
+    all layers (the default) for exact per-sample FLOPs; narrow DynaBERT widths are refused (they
+    slice dense FFNs).
     """
     blocks = _bert_layers(model)
     idx = list(range(len(blocks))) if layers is None else [int(i) for i in layers]
@@ -542,6 +542,18 @@ def replace_bert_ffn_with_moe(
             )
         config["activation"] = _HF_ACTIVATIONS[act]
     config.setdefault("dropless", True)
+    dyn_config = getattr(model, "config", None)
+    if hasattr(dyn_config, "moe") and getattr(dyn_config, "width", 1.0) != 1.0:
+        raise ValueError(
+            f"model: expected a DynamicBert at width 1.0 (narrow widths slice dense FFNs), "
+            f"got width {dyn_config.width}"
+        )
+    prev = getattr(dyn_config, "moe", None)
+    if prev and (prev["num_experts"], prev["k"], prev["config"]) != (num_experts, k, config):
+        raise ValueError(
+            f"a DynamicBert holds one MoE setting (it is saved in its config); expected num_experts="
+            f"{prev['num_experts']}, k={prev['k']}, {prev['config']}, got {num_experts}, {k}, {config}"
+        )
     out: dict[int, MoE] = {}
     for i in idx:
         layer = blocks[i]
@@ -559,4 +571,12 @@ def replace_bert_ffn_with_moe(
         layer.output = MoEBertOutput(moe, output.LayerNorm, output.dropout)
         out[i] = moe
     model.__dict__.pop("_units", None)  # DynamicBert's cached per-layer FLOPs are stale now
+    if hasattr(dyn_config, "moe"):  # a DynamicBert: recorded, so that dynets.load rebuilds these layers
+        done = sorted(set((dyn_config.moe or {}).get("layers", [])) | set(idx))
+        dyn_config.moe = {
+            "num_experts": int(num_experts),
+            "k": int(k),
+            "layers": done,
+            "config": dict(config),
+        }
     return out

@@ -13,7 +13,15 @@ import torch
 
 import dynets
 from dynets.depth.skipping import SkipPolicy
-from dynets.export import RouteRuntime, SingleRuntime, SkipRuntime, WidthRuntime, export_model, load_runtime
+from dynets.export import (
+    RouteRuntime,
+    SingleRuntime,
+    SkipRNNRuntime,
+    SkipRuntime,
+    WidthRuntime,
+    export_model,
+    load_runtime,
+)
 from dynets.serve.cli import main
 
 pytest.importorskip("onnxruntime")
@@ -172,6 +180,33 @@ def test_token_pruning_and_merging_export_as_one_graph_with_the_kept_tokens(tmp_
     np.testing.assert_array_equal(got["flops"], ref.flops.numpy())
     with pytest.raises(ValueError, match="has no run-time policy"):
         rt.run(x.numpy(), {"keep_ratio": 0.7})
+
+
+@pytest.mark.parametrize(
+    ("cell", "fmt"), [("skip_lstm", "onnx"), ("skip_gru", "onnx"), ("skip_lstm", "torch")]
+)
+def test_skip_rnn_export_updates_only_the_rows_the_gate_lets_through(tmp_path, cell, fmt):
+    torch.manual_seed(0)
+    model = dynets.create_model(cell, input_size=3, hidden=16, num_classes=4, seq_len=12).eval()
+    with torch.no_grad():  # a gate that skips some steps of some sequences
+        model.gate.weight.normal_(0, 2.0)
+        model.gate.bias.fill_(-0.5)
+    x = torch.randn(7, 12, 3, generator=torch.Generator().manual_seed(6))
+    lengths = torch.tensor([12, 5, 9, 12, 1, 7, 12])
+    rt = load_runtime(export_model(model, tmp_path / "e", format=fmt))
+    assert isinstance(rt, SkipRNNRuntime)
+    for xb, ln, thr in ((x, None, None), (x, lengths, None), (x[:1], None, None), (x, None, 0.9)):
+        ref = model(xb, ln, threshold=thr)
+        got = rt.run(
+            xb.numpy(), None if thr is None else {"threshold": thr}, None if ln is None else ln.numpy()
+        )
+        np.testing.assert_array_equal(got["updated"], ref.decisions["updated"].numpy())
+        np.testing.assert_allclose(got["logits"], ref.logits.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(got["flops"], ref.flops.numpy())
+    upd = rt.run(x.numpy())["updated"]
+    assert upd.any() and not upd.all()  # some steps skipped: the split is exercised
+    with pytest.raises(ValueError, match="lengths: expected"):
+        rt.run(x.numpy(), None, np.zeros(7, np.int64))
 
 
 def test_export_refuses_what_it_cannot_express(tmp_path, skipnet):

@@ -7,6 +7,9 @@
                                                      the confidence the width chooser reads
     dynamic parameters (dyconv_resnet, hyper_mlp)    one graph: the per-sample kernel mixture or
                                                      predicted weights have static shapes
+    skip-update RNNs (skip_lstm, skip_gru)           one graph per time step (cell + update gate) and
+                                                     the classifier; the runtime computes each step
+                                                     for the rows that update only
     token pruning / merging (dynamicvit, tome)       one graph at the current keep ratio or merge
                                                      count (each sample keeps its own tokens; the
                                                      kept indices are graph outputs)
@@ -38,6 +41,7 @@ SUPPORTED = (
     "dynamic width (SlimmableNetwork: slimmable_resnet)",
     "dynamic parameters (dyconv_resnet, hyper_mlp)",
     "token pruning and merging at a fixed keep ratio / merge count (dynamicvit_tiny, tome_vit_tiny)",
+    "skip-update RNNs (SkipRNN: skip_lstm, skip_gru)",
 )
 
 
@@ -77,6 +81,29 @@ class _AtWidth(nn.Module):
         if self.wi:
             return (logits,)
         return logits, logits.float().softmax(-1).amax(-1)
+
+
+class _RNNStep(nn.Module):
+    """One Skip-RNN step for the rows that update: (x_t (n, F), state (n, R, H)) -> (new state,
+    the update gate's Δũ (n,))."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        stack = self.model.stack
+        new = stack.step(xs[0], xs[1], stack.prepare())
+        return new, torch.sigmoid(self.model.gate(stack.memory(new))).squeeze(1)
+
+
+class _RNNHead(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.model.head(self.model.stack.top(xs[0])),)
 
 
 class _OneGraph(nn.Module):
@@ -299,6 +326,28 @@ def export_single(model: nn.Module, out: str | Path, *, format: str, opset: int,
     return write_export(out, units, manifest, format=format, opset=opset)
 
 
+def export_skip_rnn(
+    model: nn.Module, out: str | Path, *, format: str, opset: int, example_batch: int
+) -> Path:
+    """A Skip-RNN's step (cell stack + update gate) and classifier as graphs (kind "skip_rnn")."""
+    c = model.config
+    gen = torch.Generator().manual_seed(0)
+    x_t = torch.rand(example_batch, c.input_size, generator=gen)
+    state = torch.rand(example_batch, model.stack.state_rows, c.hidden, generator=gen)
+    units = [("step", _RNNStep(model).eval(), (x_t, state)), ("head", _RNNHead(model).eval(), (state,))]
+    u = model.unit_costs()
+    manifest = _manifest(model, "skip_rnn", format, opset, units)
+    manifest.update(
+        input_size=c.input_size,
+        state_shape=[model.stack.state_rows, c.hidden],
+        update_cost=float(model.update_cost()),
+        head_cost=float(u["head"]),
+        full_cost=float(model.full_cost()),
+        policy={"threshold": float(model.threshold)},
+    )
+    return write_export(out, units, manifest, format=format, opset=opset)
+
+
 def export_model(
     model: nn.Module,
     out: str | Path,
@@ -316,6 +365,7 @@ def export_model(
     from dynets.models.routing import RoutedResNet
     from dynets.spatial.merging import ToMeViT
     from dynets.spatial.token_pruning import DynamicViT
+    from dynets.temporal.skip_rnn import SkipRNN
     from dynets.text.bert import DynamicBert  # imports transformers only when a model is built
     from dynets.width.slimmable import SlimmableNetwork
 
@@ -337,6 +387,8 @@ def export_model(
         exporter = export_text
     elif isinstance(model, SlimmableNetwork):
         exporter = export_width
+    elif isinstance(model, SkipRNN) and model.config.skip:
+        exporter = export_skip_rnn
     elif isinstance(model, (DyConvResNet, HyperMLP, DynamicViT, ToMeViT)):
         exporter = export_single
         if isinstance(model, DyConvResNet) and format == "onnx":

@@ -379,6 +379,67 @@ class WidthRuntime(_Runtime):
         return {"logits": logits, "width": self.width_mults[index], "width_index": index, "flops": flops}
 
 
+class SkipRNNRuntime(_Runtime):
+    """Runs an exported Skip-RNN on x (B, T, F) (optionally with lengths (B,)): at each step only
+    the rows whose accumulated update probability ũ reaches the threshold run the step graph; the
+    others add their last Δũ, as the eager model does. `policy`: {"threshold": t}."""
+
+    kind = "skip_rnn"
+
+    def __init__(
+        self, directory: str | Path, *, threads: int = 1, providers: list[str] | None = None
+    ) -> None:
+        super().__init__(directory, threads=threads, providers=providers)
+        m = self.manifest
+        self.input_size, self.state_shape = int(m["input_size"]), tuple(m["state_shape"])
+        self.policy = m["policy"]
+
+    def run(
+        self, x: np.ndarray, policy: dict[str, Any] | None = None, lengths: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """logits (B, C), updated (B, T) bool, num_updates (B,), flops (B,)."""
+        thr = (policy or self.policy).get("threshold", 0.5)
+        if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0 <= thr <= 1:
+            raise ValueError(f"threshold: expected a value in [0, 1], got {thr!r}")
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 3 or x.shape[2] != self.input_size:
+            raise ValueError(f"x: expected shape (B, T, F={self.input_size}), got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("input: expected finite values, got NaN or inf")
+        B, T, _ = x.shape
+        if lengths is not None:
+            lengths = np.asarray(lengths, dtype=np.int64)
+            if lengths.shape != (B,) or (lengths < 1).any() or (lengths > T).any():
+                raise ValueError(f"lengths: expected (B,) = ({B},) values in [1, {T}], got {lengths!r}")
+        updated = np.zeros((B, T), dtype=bool)
+        if B == 0:
+            z = np.zeros(0)
+            return {
+                "logits": np.zeros((0, self.num_classes), np.float32),
+                "updated": updated,
+                "num_updates": z,
+                "flops": z,
+            }
+        steps = T if lengths is None else int(lengths.max())
+        state = np.zeros((B, *self.state_shape), dtype=np.float32)
+        ut, delta = np.ones(B, dtype=np.float32), np.zeros(B, dtype=np.float32)
+        thr32 = np.float32(thr)
+        for t in range(steps):
+            upd = ut >= thr32 if lengths is None else (ut >= thr32) & (t < lengths)  # who updates at t
+            if upd.all():
+                state, delta = self.graphs.run("step", [np.ascontiguousarray(x[:, t]), state])
+            elif upd.any():  # the updating rows only
+                new, d = self.graphs.run("step", [np.ascontiguousarray(x[upd, t]), state[upd]])
+                state, delta = np.array(state), np.array(delta)
+                state[upd], delta[upd] = new, d
+            ut = np.where(upd, delta, np.minimum(ut + delta, np.float32(1.0)))
+            updated[:, t] = upd
+        n = updated.sum(1)
+        flops = n * float(self.manifest["update_cost"]) + float(self.manifest["head_cost"])
+        logits = self.graphs.run("head", [state])[0]
+        return {"logits": logits, "updated": updated, "num_updates": n, "flops": flops}
+
+
 class SingleRuntime(_Runtime):
     """Runs an exported model whose input-dependence lives inside one static-shape graph
     (dynamic convolution's per-sample kernel mixture, a hypernetwork's per-sample weights,
@@ -505,7 +566,16 @@ class TextRuntime(_Runtime):
 
 
 RUNTIMES = {
-    r.kind: r for r in (StagedRuntime, SkipRuntime, RouteRuntime, WidthRuntime, SingleRuntime, TextRuntime)
+    r.kind: r
+    for r in (
+        StagedRuntime,
+        SkipRuntime,
+        RouteRuntime,
+        WidthRuntime,
+        SingleRuntime,
+        TextRuntime,
+        SkipRNNRuntime,
+    )
 }
 
 

@@ -14,6 +14,7 @@ import torch
 import dynets
 from dynets.depth.skipping import SkipPolicy
 from dynets.export import (
+    GlanceRuntime,
     RouteRuntime,
     SingleRuntime,
     SkipRNNRuntime,
@@ -22,6 +23,7 @@ from dynets.export import (
     export_model,
     load_runtime,
 )
+from dynets.policies import ConfidencePolicy, EntropyPolicy
 from dynets.serve.cli import main
 
 pytest.importorskip("onnxruntime")
@@ -207,6 +209,27 @@ def test_skip_rnn_export_updates_only_the_rows_the_gate_lets_through(tmp_path, c
     assert upd.any() and not upd.all()  # some steps skipped: the split is exercised
     with pytest.raises(ValueError, match="lengths: expected"):
         rt.run(x.numpy(), None, np.zeros(7, np.int64))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch"])
+def test_glance_focus_export_focuses_only_the_unsure_images(tmp_path, fmt):
+    torch.manual_seed(0)
+    model = dynets.create_model("glance_focus").eval()
+    x = torch.rand(10, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        conf = model.run_glance(x)[1].softmax(-1).amax(-1)
+    model.policy = ConfidencePolicy(between(conf))
+    rt = load_runtime(export_model(model, tmp_path / "e", format=fmt))
+    assert isinstance(rt, GlanceRuntime)
+    for xb, pol in ((x, None), (x[:1], None), (x, ConfidencePolicy(1.0)), (x, EntropyPolicy(0.99))):
+        ref = model(xb, pol)
+        got = rt.run(xb.numpy(), None if pol is None else pol.to_dict())
+        np.testing.assert_array_equal(got["focused"], ref.decisions["focused"].numpy())
+        np.testing.assert_array_equal(got["patch"], ref.decisions["patch"].numpy())
+        np.testing.assert_allclose(got["logits"], ref.logits.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(got["flops"], ref.flops.numpy())
+    focused = rt.run(x.numpy())["focused"]
+    assert focused.any() and not focused.all()
 
 
 def test_export_refuses_what_it_cannot_express(tmp_path, skipnet):

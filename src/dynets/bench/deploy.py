@@ -211,13 +211,14 @@ FAMILIES = (
     ("slimmable_resnet", "skip_width_{data}-slim-*", "width_index", ("onnx", "torch")),
     ("dyconv_resnet", "routing_params_{data}-dyconv-*", None, ("torch",)),  # no ONNX form: see export
     ("dynamicvit_tiny", "spatial_{data}-dvit-*", "kept_idx_0", ("onnx", "torch")),
+    ("glance_focus", "spatial_{data}-gf-*", "focused", ("onnx", "torch")),
 )
 
 
 def _family_entries(data: str, x: torch.Tensor, rounds: int, threads: int) -> dict[str, Any]:
-    """Block skipping, routing, dynamic width, dynamic convolution and token pruning, each exported
-    from its trained model of the issue-4/5 benchmarks when that is cached (else recorded as
-    missing): decisions, logits and FLOPs against the eager model with its saved policy, and speed."""
+    """The other exportable families (FAMILIES), each exported from its trained model of the
+    issue-4/5 benchmarks when that is cached (else recorded as missing): decisions, logits and
+    FLOPs against the eager model with its saved policy, and speed."""
     from dynets.export import export_model, load_runtime
 
     out: dict[str, Any] = {}

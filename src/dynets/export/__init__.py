@@ -6,6 +6,7 @@ the runtime)."""
 
 from dynets.export.families import export_model
 from dynets.export.runtime import (
+    GlanceRuntime,
     NumpyPolicy,
     RouteRuntime,
     SingleRuntime,
@@ -20,6 +21,7 @@ from dynets.export.staged import export_model_dir, export_staged
 from dynets.export.whole_graph import WholeGraphEarlyExit, export_whole_graph, score_thresholds
 
 __all__ = [
+    "GlanceRuntime",
     "NumpyPolicy",
     "RouteRuntime",
     "SingleRuntime",

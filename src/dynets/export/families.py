@@ -7,6 +7,9 @@
                                                      the confidence the width chooser reads
     dynamic parameters (dyconv_resnet, hyper_mlp)    one graph: the per-sample kernel mixture or
                                                      predicted weights have static shapes
+    glance and focus (glance_focus)                  the glance graph (features, logits) and the focus
+                                                     graph (patch choice, crop, focus logits); the
+                                                     runtime focuses only the samples not yet sure
     skip-update RNNs (skip_lstm, skip_gru)           one graph per time step (cell + update gate) and
                                                      the classifier; the runtime computes each step
                                                      for the rows that update only
@@ -42,6 +45,7 @@ SUPPORTED = (
     "dynamic parameters (dyconv_resnet, hyper_mlp)",
     "token pruning and merging at a fixed keep ratio / merge count (dynamicvit_tiny, tome_vit_tiny)",
     "skip-update RNNs (SkipRNN: skip_lstm, skip_gru)",
+    "glance and focus (GlanceFocusNet: glance_focus)",
 )
 
 
@@ -81,6 +85,27 @@ class _AtWidth(nn.Module):
         if self.wi:
             return (logits,)
         return logits, logits.float().softmax(-1).amax(-1)
+
+
+class _Glance(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.model.run_glance(xs[0])  # glance features (B, F), glance logits (B, K)
+
+
+class _Focus(nn.Module):
+    """(images, glance features) -> (focus logits, the chosen candidate patch index)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        choice = self.model.select(xs[1])
+        return self.model.run_focus(xs[0], xs[1], choice), choice
 
 
 class _RNNStep(nn.Module):
@@ -326,6 +351,22 @@ def export_single(model: nn.Module, out: str | Path, *, format: str, opset: int,
     return write_export(out, units, manifest, format=format, opset=opset)
 
 
+def export_glance(model: nn.Module, out: str | Path, *, format: str, opset: int, example_batch: int) -> Path:
+    """Glance and focus graphs of a GlanceFocusNet; the exit policy runs between them (kind "glance")."""
+    x = _example(model, example_batch)
+    with torch.no_grad():
+        g, _ = model.run_glance(x)
+    units = [("glance", _Glance(model).eval(), (x,)), ("focus", _Focus(model).eval(), (x, g))]
+    manifest = _manifest(model, "glance", format, opset, units)
+    manifest.update(
+        exit_costs=model.exit_costs().tolist(),
+        full_cost=float(model.full_cost()),
+        positions=model.pos.tolist(),
+        policy=model.policy.to_dict(),
+    )
+    return write_export(out, units, manifest, format=format, opset=opset)
+
+
 def export_skip_rnn(
     model: nn.Module, out: str | Path, *, format: str, opset: int, example_batch: int
 ) -> Path:
@@ -363,6 +404,7 @@ def export_model(
     from dynets.depth.skipping import SkipNetwork
     from dynets.models.dynamic_params import DyConvResNet, HyperMLP
     from dynets.models.routing import RoutedResNet
+    from dynets.spatial.glance import GlanceFocusNet
     from dynets.spatial.merging import ToMeViT
     from dynets.spatial.token_pruning import DynamicViT
     from dynets.temporal.skip_rnn import SkipRNN
@@ -387,6 +429,8 @@ def export_model(
         exporter = export_text
     elif isinstance(model, SlimmableNetwork):
         exporter = export_width
+    elif isinstance(model, GlanceFocusNet):
+        exporter = export_glance
     elif isinstance(model, SkipRNN) and model.config.skip:
         exporter = export_skip_rnn
     elif isinstance(model, (DyConvResNet, HyperMLP, DynamicViT, ToMeViT)):

@@ -440,6 +440,60 @@ class SkipRNNRuntime(_Runtime):
         return {"logits": logits, "updated": updated, "num_updates": n, "flops": flops}
 
 
+class GlanceRuntime(_Runtime):
+    """Runs an exported glance-and-focus model: every image is glanced at (downsampled); the
+    policy (as for early exit, exit 0) keeps the sure ones, and only the others run the focus graph
+    (patch choice, crop, focus CNN). `policy`: an exit-policy dict, or None for the saved one."""
+
+    kind = "glance"
+
+    def __init__(
+        self, directory: str | Path, *, threads: int = 1, providers: list[str] | None = None
+    ) -> None:
+        super().__init__(directory, threads=threads, providers=providers)
+        m = self.manifest
+        self.exit_costs = np.asarray(m["exit_costs"], dtype=np.float64)
+        self.positions = np.asarray(m["positions"], dtype=np.int64)
+        self.policy = NumpyPolicy(m["policy"])
+
+    def run(self, x: np.ndarray, policy: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """logits (B, C), exit_index (B,), focused (B,), patch (B, 2) (-1: not focused), flops (B,)."""
+        pol = self.policy if policy is None else NumpyPolicy(policy)
+        if pol.needs_learned:
+            raise ValueError(f"policy {pol.kind!r} needs learned exits, but glance_focus has none")
+        x = self._check(x)
+        B = x.shape[0]
+        patch = np.full((B, 2), -1, dtype=np.int64)
+        if B == 0:
+            z = np.zeros(0, dtype=np.int64)
+            empty = np.zeros((0, self.num_classes), dtype=np.float32)
+            return {
+                "logits": empty,
+                "exit_index": z,
+                "focused": z.astype(bool),
+                "patch": patch,
+                "flops": np.zeros(0),
+            }
+        g, logits = self.graphs.run("glance", [x])  # 1. glance at everyone
+        stop, _ = pol.step(0, logits, pol.init_state(B), None)
+        focused = ~stop
+        if focused.any():  # 2. only the unsure ones: choose a patch, crop it, focus
+            f_logits, choice = self.graphs.run(
+                "focus", [np.ascontiguousarray(x[focused]), np.ascontiguousarray(g[focused])]
+            )
+            logits = np.array(logits)
+            logits[focused] = f_logits
+            patch[focused] = self.positions[choice]
+        exit_index = focused.astype(np.int64)
+        return {
+            "logits": logits,
+            "exit_index": exit_index,
+            "focused": focused,
+            "patch": patch,
+            "flops": self.exit_costs[exit_index],
+        }
+
+
 class SingleRuntime(_Runtime):
     """Runs an exported model whose input-dependence lives inside one static-shape graph
     (dynamic convolution's per-sample kernel mixture, a hypernetwork's per-sample weights,
@@ -575,6 +629,7 @@ RUNTIMES = {
         SingleRuntime,
         TextRuntime,
         SkipRNNRuntime,
+        GlanceRuntime,
     )
 }
 

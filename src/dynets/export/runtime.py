@@ -157,6 +157,10 @@ class _Runtime:
             self.graphs.load(name, unit["file"])
         self.input_shape = tuple(m.get("input_shape") or ())  # () for token ids of any length
         self.num_classes = int(m["num_classes"])
+        self._load(m)
+
+    def _load(self, m: dict[str, Any]) -> None:
+        """The kind's own manifest entries (subclasses)."""
 
     def _check(self, x: Any) -> np.ndarray:
         x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
@@ -175,11 +179,7 @@ class StagedRuntime(_Runtime):
 
     kind = "early_exit"
 
-    def __init__(
-        self, directory: str | Path, *, threads: int = 1, providers: list[str] | None = None
-    ) -> None:
-        super().__init__(directory, threads=threads, providers=providers)
-        m = self.manifest
+    def _load(self, m: dict[str, Any]) -> None:
         self.blocks = m["blocks"]
         self.exit_costs = np.asarray(m["exit_costs"], dtype=np.float64)
         self.exit_costs_learned = np.asarray(m["exit_costs_learned"], dtype=np.float64)
@@ -243,11 +243,7 @@ class SkipRuntime(_Runtime):
 
     kind = "skip"
 
-    def __init__(
-        self, directory: str | Path, *, threads: int = 1, providers: list[str] | None = None
-    ) -> None:
-        super().__init__(directory, threads=threads, providers=providers)
-        m = self.manifest
+    def _load(self, m: dict[str, Any]) -> None:
         self.program = m["program"]  # [{"block": name, "gate": name | None}] in order
         self.gated_costs = np.asarray(m["gated_costs"], dtype=np.float64)
         self.min_cost = float(m["min_cost"])
@@ -294,11 +290,7 @@ class RouteRuntime(_Runtime):
 
     kind = "route"
 
-    def __init__(
-        self, directory: str | Path, *, threads: int = 1, providers: list[str] | None = None
-    ) -> None:
-        super().__init__(directory, threads=threads, providers=providers)
-        m = self.manifest
+    def _load(self, m: dict[str, Any]) -> None:
         self.branches = m["branches"]
         self.branch_costs = np.asarray(m["branch_costs"], dtype=np.float64)  # per route, trunk included
         self.relative_costs = np.asarray(m["relative_costs"], dtype=np.float32)
@@ -335,11 +327,7 @@ class WidthRuntime(_Runtime):
 
     kind = "width"
 
-    def __init__(
-        self, directory: str | Path, *, threads: int = 1, providers: list[str] | None = None
-    ) -> None:
-        super().__init__(directory, threads=threads, providers=providers)
-        m = self.manifest
+    def _load(self, m: dict[str, Any]) -> None:
         self.width_mults = np.asarray(m["width_mults"], dtype=np.float64)
         self.width_costs = np.asarray(m["width_costs"], dtype=np.float64)
         self.policy = m["policy"]
@@ -386,11 +374,7 @@ class SkipRNNRuntime(_Runtime):
 
     kind = "skip_rnn"
 
-    def __init__(
-        self, directory: str | Path, *, threads: int = 1, providers: list[str] | None = None
-    ) -> None:
-        super().__init__(directory, threads=threads, providers=providers)
-        m = self.manifest
+    def _load(self, m: dict[str, Any]) -> None:
         self.input_size, self.state_shape = int(m["input_size"]), tuple(m["state_shape"])
         self.policy = m["policy"]
 
@@ -447,11 +431,7 @@ class GlanceRuntime(_Runtime):
 
     kind = "glance"
 
-    def __init__(
-        self, directory: str | Path, *, threads: int = 1, providers: list[str] | None = None
-    ) -> None:
-        super().__init__(directory, threads=threads, providers=providers)
-        m = self.manifest
+    def _load(self, m: dict[str, Any]) -> None:
         self.exit_costs = np.asarray(m["exit_costs"], dtype=np.float64)
         self.positions = np.asarray(m["positions"], dtype=np.int64)
         self.policy = NumpyPolicy(m["policy"])
@@ -532,11 +512,7 @@ class TextRuntime(_Runtime):
 
     kind = "text"
 
-    def __init__(
-        self, directory: str | Path, *, threads: int = 1, providers: list[str] | None = None
-    ) -> None:
-        super().__init__(directory, threads=threads, providers=providers)
-        m = self.manifest
+    def _load(self, m: dict[str, Any]) -> None:
         self.blocks, self.costs = m["blocks"], m["costs"]
         self.pad, self.vocab_size, self.max_positions = m["pad_token_id"], m["vocab_size"], m["max_positions"]
         self.labels = m["labels"]

@@ -86,6 +86,10 @@ def test_text_export_exits_like_the_eager_model(bert, tmp_path, fmt):
     model, x = bert
     rt = load_runtime(export_model(model, tmp_path / "e", format=fmt))
     assert isinstance(rt, TextRuntime) and rt.labels == ["neg", "pos", "mixed"]
+    import transformers  # the exported tokenizer turns texts into the same ids, without dynets
+
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "e" / rt.manifest["tokenizer"])
+    assert tok(SENTENCES[1])["input_ids"] == model.encode([SENTENCES[1]])[0].tolist()
     exits = check(rt, model, x, None)
     assert 0 < (exits == 0).sum() < len(exits)  # the saved threshold splits the batch at exit 0
     for policy in policies(model, x)[1:]:

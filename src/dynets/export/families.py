@@ -246,7 +246,16 @@ def export_text(model: nn.Module, out: str | Path, *, format: str, opset: int, e
         policy=model.policy.to_dict(),
     )
     bounds = {"length": int(model.max_positions)}
-    return write_export(out, units, manifest, format=format, opset=opset, axes=axes, bounds=bounds)
+    tokenizer = getattr(model, "tokenizer", None)
+
+    def save_tokenizer(tmp: Path) -> None:  # so a deployment can turn text into ids without dynets
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            manifest["tokenizer"] = "tokenizer"
+
+    return write_export(
+        out, units, manifest, format=format, opset=opset, axes=axes, bounds=bounds, extra=save_tokenizer
+    )
 
 
 def _example(model: nn.Module, batch: int) -> torch.Tensor:

@@ -162,27 +162,37 @@ def run(
                     time.sleep(2.0)  # let the queue drain between load levels
             finally:
                 result.setdefault("exit_codes", {})[name] = server.stop()
+    result["summary"] = summarize(result, slo_ms, multipliers)
+    return result
+
+
+def summarize(result: dict[str, Any], slo_ms: float, multipliers: Any) -> dict[str, Any]:
+    """Which rows kept p95 within the SLO, and the issue's test read two ways: the fixed server's
+    break as the first *probed* rate over the SLO (conservative: its 20-s row at R0 may already be
+    over), and as the lowest load of its 20-s rows that was over the SLO."""
     rows = {(r["server"], r["multiplier"]): r for r in result["rows"]}
 
     def within(r: dict | None) -> bool | None:
         return None if r is None or r["p95_ms"] is None else r["p95_ms"] <= slo_ms
 
-    breaks = next((m for m in multipliers if within(rows.get(("fixed", m))) is False), None)
+    breaks = next((m for m in sorted(multipliers) if within(rows.get(("fixed", m))) is False), None)
     at_2x_break = (
         None if not result.get("fixed_break_rate") else 2 * result["fixed_break_rate"] / result["r0"]
     )
-    result["summary"] = {
+    return {
         "fixed_breaks_slo_at": breaks,
         "fixed_break_rate": result.get("fixed_break_rate"),
         "adaptive_load_at_2x_break": at_2x_break,
         "adaptive_within_slo_at_2x_break": within(rows.get(("adaptive", at_2x_break)))
         if at_2x_break
         else None,
+        "adaptive_within_slo_at_2x_row_break": None
+        if breaks is None
+        else within(rows.get(("adaptive", 2 * breaks))),
         "adaptive_within_slo": {str(m): within(rows.get(("adaptive", m))) for m in multipliers},
         "fixed_within_slo": {str(m): within(rows.get(("fixed", m))) for m in multipliers},
         "lost_requests": sum(r["lost"] for r in result["rows"]),
     }
-    return result
 
 
 def run_fast(coro: Any) -> Any:
@@ -229,6 +239,13 @@ def markdown(r: dict[str, Any]) -> str:
         f"{brk:.1f}/s. Adaptive server at twice that rate ({2 * brk:.1f}/s = {at2:.2f}x R0): "
         f"within the SLO: {s['adaptive_within_slo_at_2x_break']}; lost requests: {s['lost_requests']}.",
     ]
+    b = s.get("fixed_breaks_slo_at")
+    if b is not None and s.get("adaptive_within_slo_at_2x_row_break") is not None:
+        lines.append(
+            f"Read from the 20-s rows instead: the fixed server is over the SLO already at {b:.2g}x "
+            f"({b * r['r0']:.1f}/s); the adaptive server at twice that load ({2 * b * r['r0']:.1f}/s) is "
+            f"within the SLO: {s['adaptive_within_slo_at_2x_row_break']}."
+        )
     return "\n".join(lines) + "\n"
 
 

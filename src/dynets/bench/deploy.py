@@ -178,11 +178,21 @@ def run_export(model_dir: str, data: str, *, quick: bool = False, threads: int =
     return result
 
 
-def _speeds(model: Any, rt: Any, x: torch.Tensor, rounds: int) -> dict[str, Any]:
-    """Eager vs exported runtime, alternating, at batch 1 (the first 64 samples) and batch 64."""
+def _speeds(
+    model: Any,
+    rt: Any,
+    x: torch.Tensor,
+    rounds: int,
+    make_batches: Callable | None = None,
+    sizes: tuple[int, int] = (1, 64),
+) -> dict[str, Any]:
+    """Eager vs exported runtime, alternating, at batch 1 (the first 64 samples) and a large batch
+    (all samples); `make_batches(n, bs)` builds the batches of the first n samples (default: slices
+    of x)."""
     speed = {}
-    for bs in (1, 64):
-        batches = [x[i : i + bs] for i in range(0, min(x.shape[0], 64 if bs == 1 else x.shape[0]), bs)]
+    for bs in sizes:
+        n = min(x.shape[0], 64) if bs == 1 else x.shape[0]
+        batches = make_batches(n, bs) if make_batches else [x[i : min(i + bs, n)] for i in range(0, n, bs)]
         nb = [b.numpy() for b in batches]
 
         def eager(batches=batches):
@@ -195,7 +205,6 @@ def _speeds(model: Any, rt: Any, x: torch.Tensor, rounds: int) -> dict[str, Any]
                 rt.run(b)
 
         t = _alternate({"eager": eager, "exported": exported}, rounds)
-        n = sum(b.shape[0] for b in batches)
         speed[f"batch_{bs}"] = {
             "eager_ms_per_sample": 1000 * t["eager"] / n,
             "exported_ms_per_sample": 1000 * t["exported"] / n,
@@ -305,6 +314,10 @@ def _text_entry(rounds: int, threads: int, pattern: str = "bert-sst2-two_stage-*
     x = model.encode(texts)
     with torch.inference_mode():
         ref = model(x)
+
+    def batches(n: int, bs: int) -> list[torch.Tensor]:  # dev in its order, padded per batch
+        return [model.encode(texts[i : min(i + bs, n)]) for i in range(0, n, bs)]
+
     entry: dict[str, Any] = {
         "model_dir": str(runs[0]),
         "samples": len(texts),
@@ -322,28 +335,8 @@ def _text_entry(rounds: int, threads: int, pattern: str = "bert-sst2-two_stage-*
                 ),
                 "max_abs_logit_diff": float(np.abs(got["logits"] - ref.logits.numpy()).max()),
                 "flops_equal": bool(np.array_equal(got["flops"], ref.flops.numpy())),
-                "speed": {},
+                "speed": _speeds(model, rt, x, rounds, batches, sizes=(1, 32)),
             }
-            for bs in (1, 32):
-                n = 64 if bs == 1 else len(texts)
-                batches = [model.encode(texts[i : min(i + bs, n)]) for i in range(0, n, bs)]
-                nb = [b.numpy() for b in batches]
-
-                def eager(batches=batches):
-                    with torch.inference_mode():
-                        for b in batches:
-                            model(b)
-
-                def exported(nb=nb, rt=rt):
-                    for b in nb:
-                        rt.run(b)
-
-                t = _alternate({"eager": eager, "exported": exported}, rounds)
-                f["speed"][f"batch_{bs}"] = {
-                    "eager_ms_per_sample": 1000 * t["eager"] / n,
-                    "exported_ms_per_sample": 1000 * t["exported"] / n,
-                    "speedup": t["eager"] / t["exported"],
-                }
             entry[fmt] = f
     return entry
 
@@ -483,7 +476,7 @@ def markdown_export(r: dict[str, Any]) -> str:
                 f = e[fmt]
                 agree = f.get("decision_agreement", f.get("exit_agreement"))
                 dec = "n/a" if agree is None else f"{100 * agree:.2f}%"
-                big = f["speed"].get("batch_64") or f["speed"]["batch_32"]
+                big = next(v for k, v in f["speed"].items() if k != "batch_1")
                 lines.append(
                     f"| {name} | {fmt} | {dec} | {100 * f['prediction_agreement']:.2f}% | "
                     f"{f['max_abs_logit_diff']:.2e} | {f['flops_equal']} | "

@@ -27,14 +27,14 @@ exporter for any of these and for early-exit networks (`staged.export_staged`).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
-from dynets.export.staged import FORMATS, SUFFIX, FlatUnit, export_staged, write_export
+from dynets.export.staged import FORMATS, SUFFIX, export_staged, write_export
 
 SUPPORTED = (
     "early exit (EarlyExitNetwork: ee_resnet, msdnet, ...)",
@@ -49,97 +49,42 @@ SUPPORTED = (
 )
 
 
-class _Unit(nn.Module):
-    """One tensor in (as the graph writers pass it: flat varargs), a tuple of tensors out."""
+class _Graph(nn.Module):
+    """One exported graph: `fn(*tensors)` -> a tensor or a tuple of tensors (returned as a tuple, as
+    the graph writers expect). `owner` holds the modules `fn` uses and no more: torch.export saves
+    every weight of the module it exports, so a layer's graph must not own the whole model."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, owner: nn.Module, fn: Any) -> None:
         super().__init__()
-        self.module = module
+        self.owner, self.fn = owner, fn
 
     def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (self.module(xs[0]),)
+        out = self.fn(*xs)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-class _GateProbability(nn.Module):
-    """A skip gate's execute probability, in the graph (so it is compared with the threshold
-    exactly as the eager model compares it)."""
-
-    def __init__(self, gate: nn.Module) -> None:
-        super().__init__()
-        self.gate = gate
-
-    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (torch.sigmoid(self.gate(xs[0]).float()),)
+def _graph(owner: nn.Module, fn: Any = None) -> _Graph:
+    return _Graph(owner, owner if fn is None else fn).eval()
 
 
-class _AtWidth(nn.Module):
-    """A slimmable network at width index `wi`: logits, and at the smallest width also the max
-    softmax confidence the width chooser compares with its thresholds."""
-
-    def __init__(self, model: nn.Module, wi: int) -> None:
-        super().__init__()
-        self.model, self.wi = model, wi
-
-    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits = self.model.forward_width(xs[0], self.wi)
-        if self.wi:
-            return (logits,)
-        return logits, logits.float().softmax(-1).amax(-1)
+def _at_width(model: nn.Module, wi: int, x: torch.Tensor) -> Any:
+    """A slimmable network at width index `wi`; the smallest width also returns the max softmax
+    confidence the width chooser compares with its thresholds."""
+    logits = model.forward_width(x, wi)
+    return logits if wi else (logits, logits.float().softmax(-1).amax(-1))
 
 
-class _Glance(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.model.run_glance(xs[0])  # glance features (B, F), glance logits (B, K)
-
-
-class _Focus(nn.Module):
+def _focus(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, glance features) -> (focus logits, the chosen candidate patch index)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        choice = self.model.select(xs[1])
-        return self.model.run_focus(xs[0], xs[1], choice), choice
+    choice = model.select(g)
+    return model.run_focus(x, g, choice), choice
 
 
-class _RNNStep(nn.Module):
+def _rnn_step(model: nn.Module, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One Skip-RNN step for the rows that update: (x_t (n, F), state (n, R, H)) -> (new state,
     the update gate's Δũ (n,))."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        stack = self.model.stack
-        new = stack.step(xs[0], xs[1], stack.prepare())
-        return new, torch.sigmoid(self.model.gate(stack.memory(new))).squeeze(1)
-
-
-class _RNNHead(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (self.model.head(self.model.stack.top(xs[0])),)
-
-
-class _OneGraph(nn.Module):
-    """A whole model at its current setting as one graph: `fn(x)` -> (logits, *decisions)."""
-
-    def __init__(self, model: nn.Module, fn: Any) -> None:
-        super().__init__()
-        self.model, self.fn = model, fn
-
-    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.fn(xs[0]))
+    new = model.stack.step(x_t, state, model.stack.prepare())
+    return new, torch.sigmoid(model.gate(model.stack.memory(new))).squeeze(1)
 
 
 def _one_graph(model: nn.Module) -> tuple[Any, list[str], dict[str, Any]]:
@@ -162,41 +107,18 @@ def _one_graph(model: nn.Module) -> tuple[Any, list[str], dict[str, Any]]:
     return (lambda x: (model.logits(x),)), ["logits"], {}
 
 
-class _TextLayer(nn.Module):
-    """Encoder layer `i` of a DynamicBert at its current width: (hidden, valid) -> hidden. The
-    attention mask is built in the graph from the validity mask, in the additive form every
-    attention implementation takes."""
-
-    def __init__(self, model: nn.Module, i: int) -> None:
-        super().__init__()
-        self.model, self.i = model, i
-
-    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        h, valid = xs
-        mask = (1.0 - valid[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
-        out = self.model._layer(self.i, h, mask)
-        return (out[0] if isinstance(out, tuple) else out,)
+def _text_layer(model: nn.Module, i: int, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Encoder layer `i` of a DynamicBert at its current width; the attention mask is built in the
+    graph from the validity mask, in the additive form every attention implementation takes."""
+    mask = (1.0 - valid[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+    out = model._layer(i, h, mask)
+    return out[0] if isinstance(out, tuple) else out
 
 
-class _TextHead(nn.Module):
-    """Exit head (and learned-exit predictor) of a DynamicBert: (hidden, valid) -> logits[, score]."""
-
-    def __init__(self, head: nn.Module, predictor: nn.Module | None) -> None:
-        super().__init__()
-        self.head, self.predictor = head, predictor
-
-    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits = self.head(xs[0], xs[1])
-        return (logits,) if self.predictor is None else (logits, self.predictor(logits))
-
-
-class _Embeddings(nn.Module):
-    def __init__(self, embeddings: nn.Module) -> None:
-        super().__init__()
-        self.embeddings = embeddings
-
-    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (self.embeddings(input_ids=xs[0]),)
+def _text_head(head: nn.Module, pred: nn.Module | None, h: torch.Tensor, valid: torch.Tensor) -> Any:
+    """Exit head (and learned-exit predictor): (hidden, valid) -> logits[, score]."""
+    logits = head(h, valid)
+    return logits if pred is None else (logits, pred(logits))
 
 
 def _coefficients(cost: Any) -> list[float]:
@@ -215,15 +137,18 @@ def export_text(model: nn.Module, out: str | Path, *, format: str, opset: int, e
     blocks = []
     kept = model.active_layers
     with torch.no_grad():
-        units.append(("embeddings", _Embeddings(model.embeddings).eval(), (ids,)))
-        h = model.embeddings(input_ids=ids)
+        emb = model.embeddings
+        units.append(("embeddings", _graph(emb, lambda t: emb(input_ids=t)), (ids,)))
+        h = emb(input_ids=ids)
         for k, i in enumerate(kept):
-            layer = _TextLayer(model, i).eval()
+            layer = _graph(model.layers[i], partial(_text_layer, model, i))
             units.append((f"layer_{i}", layer, (h, valid)))
             axes[f"layer_{i}"] = ([BL, BL], [BL])
             h = layer(h, valid)[0]
             pred = model.exit_predictors[i] if (k < len(kept) - 1 and len(model.exit_predictors)) else None
-            units.append((f"head_{i}", _TextHead(model.heads[i], pred).eval(), (h, valid)))
+            head = model.heads[i]
+            owner = nn.ModuleList([head] if pred is None else [head, pred])
+            units.append((f"head_{i}", _graph(owner, partial(_text_head, head, pred)), (h, valid)))
             axes[f"head_{i}"] = ([BL, BL], [{0: "batch"}] * (1 if pred is None else 2))
             blocks.append({"exit": k, "layer": i, "learned": pred is not None})
     u = model.unit_costs()
@@ -281,19 +206,20 @@ def export_skip(model: nn.Module, out: str | Path, *, format: str, opset: int, e
     program = []
     with torch.no_grad():
         x = _example(model, example_batch)
-        units.append(("stem", _Unit(model.stem).eval(), (x,)))
+        units.append(("stem", _graph(model.stem), (x,)))
         h = model.stem(x)
         gi = 0
         for i, block in enumerate(model.blocks):
             gate = None
             if model.gated[i]:
                 gate = f"gate_{gi}"
-                units.append((gate, _GateProbability(model.gates[gi]).eval(), (h,)))
+                g = model.gates[gi]  # the execute probability in the graph, compared as in eager
+                units.append((gate, _graph(g, lambda t, g=g: torch.sigmoid(g(t).float())), (h,)))
                 gi += 1
-            units.append((f"block_{i}", _Unit(block).eval(), (h,)))
+            units.append((f"block_{i}", _graph(block), (h,)))
             program.append({"block": f"block_{i}", "gate": gate})
             h = block(h)
-        units.append(("head", _Unit(model.head).eval(), (h,)))
+        units.append(("head", _graph(model.head), (h,)))
     u = model.unit_costs()
     manifest = _manifest(model, "skip", format, opset, units)
     manifest.update(
@@ -312,10 +238,9 @@ def export_route(model: nn.Module, out: str | Path, *, format: str, opset: int, 
     with torch.no_grad():
         x = _example(model, example_batch)
         h = model.trunk(x)
-        units = [("trunk", FlatUnit(model.trunk, tree_flatten(x)[1]).eval(), (x,))]
-        units.append(("gate", _Unit(router.gate).eval(), (h,)))
+        units = [("trunk", _graph(model.trunk), (x,)), ("gate", _graph(router.gate), (h,))]
         names = [f"branch_{k}" for k in range(router.num_branches)]
-        units += [(n, _Unit(b).eval(), (h,)) for n, b in zip(names, router.branches)]
+        units += [(n, _graph(b), (h,)) for n, b in zip(names, router.branches)]
     b = router.costs()["branches"]
     manifest = _manifest(model, "route", format, opset, units)
     manifest.update(
@@ -332,7 +257,9 @@ def export_route(model: nn.Module, out: str | Path, *, format: str, opset: int, 
 def export_width(model: nn.Module, out: str | Path, *, format: str, opset: int, example_batch: int) -> Path:
     """One graph per width of a SlimmableNetwork (kind "width")."""
     x = _example(model, example_batch)
-    units = [(f"width_{k}", _AtWidth(model, k).eval(), (x,)) for k in range(model.num_widths)]
+    units = [
+        (f"width_{k}", _graph(model, partial(_at_width, model, k)), (x,)) for k in range(model.num_widths)
+    ]
     manifest = _manifest(model, "width", format, opset, units)
     manifest.update(
         width_mults=list(model.width_mults),
@@ -352,7 +279,7 @@ def export_single(model: nn.Module, out: str | Path, *, format: str, opset: int,
         flops = model(x).flops
     if not bool((flops == flops[0]).all()):
         raise ValueError(f"export: expected the same FLOPs for every sample of a {type(model).__name__}")
-    units = [("model", _OneGraph(model, fn).eval(), (x,))]
+    units = [("model", _graph(model, fn), (x,))]
     manifest = _manifest(model, "single", format, opset, units)
     manifest.update(
         outputs=names, settings=settings, flops=float(flops[0]), full_cost=float(model.full_cost())
@@ -365,7 +292,10 @@ def export_glance(model: nn.Module, out: str | Path, *, format: str, opset: int,
     x = _example(model, example_batch)
     with torch.no_grad():
         g, _ = model.run_glance(x)
-    units = [("glance", _Glance(model).eval(), (x,)), ("focus", _Focus(model).eval(), (x, g))]
+    units = [
+        ("glance", _graph(model, model.run_glance), (x,)),
+        ("focus", _graph(model, partial(_focus, model)), (x, g)),
+    ]
     manifest = _manifest(model, "glance", format, opset, units)
     manifest.update(
         exit_costs=model.exit_costs().tolist(),
@@ -384,7 +314,10 @@ def export_skip_rnn(
     gen = torch.Generator().manual_seed(0)
     x_t = torch.rand(example_batch, c.input_size, generator=gen)
     state = torch.rand(example_batch, model.stack.state_rows, c.hidden, generator=gen)
-    units = [("step", _RNNStep(model).eval(), (x_t, state)), ("head", _RNNHead(model).eval(), (state,))]
+    units = [
+        ("step", _graph(nn.ModuleList([model.stack, model.gate]), partial(_rnn_step, model)), (x_t, state)),
+        ("head", _graph(model.head, lambda st: model.head(model.stack.top(st))), (state,)),
+    ]
     u = model.unit_costs()
     manifest = _manifest(model, "skip_rnn", format, opset, units)
     manifest.update(

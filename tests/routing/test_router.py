@@ -320,6 +320,10 @@ def test_routed_resnet_training_output_and_bad_input():
     out = m(x)
     assert isinstance(out, MultiExitOutput) and out.logits.shape == (8, 4)
     assert out.aux["loss"].dim() == 0 and out.aux["branch"].shape == (8,)
+    # supervise_branches: each branch's own logits on every sample come first, the routed output last
+    assert len(out.exit_logits) == 3
+    ref = torch.stack(out.exit_logits[:2], 1)[torch.arange(8), out.aux["branch"]]
+    torch.testing.assert_close(out.logits, ref)
     (F.cross_entropy(out.logits, torch.zeros(8, dtype=torch.long)) + out.aux["loss"]).backward()
     assert m.router.gate.net[0].weight.grad.abs().sum() > 0
     m.eval()
@@ -333,6 +337,9 @@ def test_routed_resnet_training_output_and_bad_input():
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         m(bad)
+    torch.manual_seed(0)
+    plain = create_model("routed_resnet", **SMALL, supervise_branches=False).train()
+    assert len(plain(x).exit_logits) == 1
     with pytest.raises(ValueError, match="routed_groups"):
         create_model("routed_resnet", routed_groups=4)
     with pytest.raises(ValueError, match="tau"):

@@ -40,6 +40,33 @@ from dynets.params.dynamic_conv import DynamicConv2d
 from dynets.routing.router import calibrate_route_bias
 from dynets.train import TrainConfig, train
 
+PARTS = ("dyconv", "routed")
+# the result fields each part produces (a part not re-run is copied from the previous JSON)
+PART_FIELDS = {
+    "dyconv": (
+        "dyconv_acc",
+        "dyconv_flops_ratio",
+        "dyconv_speedup_b1",
+        "dyconv_speedup_b64",
+        "grouped_vs_loop_speedup",
+        "dyconv",
+        "micro",
+    ),
+    "routed": (
+        "routed_acc",
+        "routed_flops_ratio",
+        "matched_static_acc",
+        "matched_static_flops_ratio",
+        "routed_speedup_b1",
+        "routed_speedup_b64",
+        "routed_branch_mflops",
+        "routed_operating_point",
+        "routed_sweep",
+        "matched_static",
+    ),
+}
+PART_TIMING = {"dyconv": ("dyconv_vs_static",), "routed": ("routed_vs_matched", "routed_vs_full")}
+
 HEADLINE_KEYS = (
     "static_acc",
     "dyconv_acc",
@@ -79,8 +106,14 @@ class RoutingParamsBenchConfig:
     model_kw: dict = field(default_factory=dict)  # overrides for every model (e.g. widths)
     dyconv_kw: dict = field(default_factory=dict)
     routed_kw: dict = field(default_factory=dict)
+    # which parts to (re)run; a part left out is carried over from the JSON already at --json (its
+    # fields are copied unchanged and the result says so in "carried_over")
+    parts: tuple[str, ...] = ("dyconv", "routed")
 
     def __post_init__(self) -> None:
+        bad = [p for p in self.parts if p not in PARTS]
+        if bad or not self.parts:
+            raise ValueError(f"parts: expected a non-empty subset of {PARTS}, got {self.parts}")
         if self.quick:
             self.epochs = min(self.epochs, 2)
             self.train_limit = self.train_limit or 2000
@@ -224,6 +257,103 @@ def micro_benchmark(cfg: RoutingParamsBenchConfig) -> dict:
     return res
 
 
+def _dyconv_part(cfg, trained, static, kw: dict, x, y, full: float) -> dict:
+    """dyconv_resnet vs its static twin, and the grouped-vs-loop micro-benchmark."""
+    micro = micro_benchmark(cfg)
+    dyconv = trained(f"routing_params_{cfg.data}-dyconv", "dyconv_resnet", {**kw, **cfg.dyconv_kw}, [])
+    dyconv.eval()
+    dy_row = {"model": "dyconv_resnet", **_evaluate(dyconv, x, y)}
+    _log(f"dyconv {dy_row['accuracy']:.4f} at {dy_row['mean_flops'] / 1e6:.1f} MFLOPs")
+    _log("wall-clock dyconv_resnet vs static_resnet")
+    dy_time = _timing(static, dyconv, x, cfg, full)
+    return {
+        "dyconv_acc": dy_row["accuracy"],
+        "dyconv_flops_ratio": dy_row["mean_flops"] / full,
+        "dyconv_speedup_b1": dy_time["b1"]["speedup"],
+        "dyconv_speedup_b64": dy_time["b64"]["speedup"],
+        "grouped_vs_loop_speedup": micro["grouped_vs_loop_speedup"],
+        "dyconv": dy_row,
+        "micro": micro,
+        "timing": {"dyconv_vs_static": dy_time},
+    }
+
+
+def _routed_part(cfg, trained, static, kw: dict, val_set, x, y, full: float) -> dict:
+    """routed_resnet: the cost bias calibrated on validation for each budget, measured on test; at
+    the operating budget, against the static ResNet of equal FLOPs and the full one."""
+    routed = trained(f"routing_params_{cfg.data}-routed", "routed_resnet", {**kw, **cfg.routed_kw}, [])
+    routed.eval()
+    sweep = []
+    for b in sorted(set(cfg.route_sweep) | {cfg.route_budget}):
+        cal = calibrate_route_bias(routed, val_set.x, b)
+        res = _evaluate(routed, x, y)
+        with torch.inference_mode():
+            share = float(
+                torch.cat([routed(x[i : i + 512]).decisions["branch"] for i in range(0, len(x), 512)])
+                .double()
+                .mean()
+            )
+        row = {
+            "policy": "routed_resnet (cost bias)",
+            "value": b,
+            "penalty": cal["penalty"],
+            **res,
+            "flops_ratio": res["mean_flops"] / full,
+            "expensive_share": share,
+        }
+        sweep.append(row)
+        _log(
+            f"routed budget {b:.2f}: penalty {cal['penalty']:.3f}, test acc {res['accuracy']:.4f}, "
+            f"FLOPs ratio {row['flops_ratio']:.3f}, expensive branch {share:.2%}"
+        )
+    op = next(r for r in sweep if r["value"] == cfg.route_budget)
+    calibrate_route_bias(routed, val_set.x, cfg.route_budget)  # leave the operating point set
+    with torch.inference_mode():  # each branch alone on every test sample (the anytime view)
+        branch_acc = [
+            float(
+                (
+                    torch.cat(
+                        [routed.forward_branch(x[i : i + 512], k) for i in range(0, len(x), 512)]
+                    ).argmax(-1)
+                    == y
+                )
+                .double()
+                .mean()
+            )
+            for k in range(2)
+        ]
+    _log(f"routed branches alone: cheap {branch_acc[0]:.4f}, expensive {branch_acc[1]:.4f}")
+
+    # the static ResNet of equal FLOPs: a narrower last group
+    width, matched_flops = _matched_width(kw, op["mean_flops"])
+    m_kw = {**kw, "widths": (*tuple(kw.get("widths", (32, 64, 128)))[:-1], width)}
+    matched = trained(f"routing_params_{cfg.data}-matched", "static_resnet", m_kw, [])
+    matched.eval()
+    matched_row = {
+        "model": f"static_resnet (last group width {width})",
+        **_evaluate((matched.forward_static, matched_flops), x, y),
+    }
+    _log(f"matched static (width {width}): {matched_row['accuracy']:.4f} at {matched_flops / 1e6:.1f} MFLOPs")
+    _log("wall-clock routed_resnet vs the static ResNet of equal FLOPs")
+    rt_time = _timing(matched, routed, x, cfg, matched_flops)
+    _log("wall-clock routed_resnet vs the full static ResNet")
+    rt_full_time = _timing(static, routed, x, cfg, full)
+    return {
+        "routed_acc": op["accuracy"],
+        "routed_flops_ratio": op["flops_ratio"],
+        "matched_static_acc": matched_row["accuracy"],
+        "matched_static_flops_ratio": matched_flops / full,
+        "routed_speedup_b1": rt_time["b1"]["speedup"],
+        "routed_speedup_b64": rt_time["b64"]["speedup"],
+        "routed_branch_mflops": (routed.branch_costs() / 1e6).tolist(),
+        "routed_branch_alone_acc": branch_acc,
+        "routed_operating_point": op,
+        "routed_sweep": sweep,
+        "matched_static": {**matched_row, "width": width},
+        "timing": {"routed_vs_matched": rt_time, "routed_vs_full": rt_full_time},
+    }
+
+
 def run(
     cfg: RoutingParamsBenchConfig,
     *,
@@ -236,7 +366,14 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(json_path).stem if json_path else f"routing_params_{cfg.data}"
     t0 = time.time()
-    micro = micro_benchmark(cfg)
+    previous: dict = {}
+    if set(cfg.parts) != set(PARTS):
+        if not (json_path and Path(json_path).exists()):
+            raise ValueError(
+                f"parts={cfg.parts}: the parts not re-run are carried over from the previous result, "
+                f"expected an existing --json file, got {json_path!r}"
+            )
+        previous = json.loads(Path(json_path).read_text())
     train_set = load_dataset(cfg.data, "train", limit=cfg.train_limit)
     val_set = load_dataset(cfg.data, "val", limit=cfg.val_limit)
     test_set = load_dataset(cfg.data, "test", limit=cfg.test_limit)
@@ -274,97 +411,45 @@ def run(
     static = _trained(
         cache / f"early_exit_{cfg.data}-static-{_key(base)}", "static_resnet", kw, train_set, tcfg, cfg.seed
     )
-    dy_kw = {**kw, **cfg.dyconv_kw}
-    dyconv = trained(f"routing_params_{cfg.data}-dyconv", "dyconv_resnet", dy_kw, [])
-    rt_kw = {**kw, **cfg.routed_kw}
-    routed = trained(f"routing_params_{cfg.data}-routed", "routed_resnet", rt_kw, [])
-    for m in (static, dyconv, routed):
-        m.eval()
+    static.eval()
     full = static.full_cost()
     x, y = test_set.x, test_set.y
-
-    # 1. dynamic convolution vs its static twin
     static_row = {"model": "static_resnet", **_evaluate((static.forward_static, full), x, y)}
-    dy_row = {"model": "dyconv_resnet", **_evaluate(dyconv, x, y)}
-    _log(
-        f"static {static_row['accuracy']:.4f} at {full / 1e6:.1f} MFLOPs; dyconv {dy_row['accuracy']:.4f} "
-        f"at {dy_row['mean_flops'] / 1e6:.1f}"
-    )
-    _log("wall-clock dyconv_resnet vs static_resnet")
-    dy_time = _timing(static, dyconv, x, cfg, full)
-
-    # 2. routing: calibrate the cost bias on validation for each budget, measure on test
-    sweep = []
-    for b in sorted(set(cfg.route_sweep) | {cfg.route_budget}):
-        cal = calibrate_route_bias(routed, val_set.x, b)
-        res = _evaluate(routed, x, y)
-        with torch.inference_mode():
-            share = float(
-                torch.cat([routed(x[i : i + 512]).decisions["branch"] for i in range(0, len(x), 512)])
-                .double()
-                .mean()
-            )
-        row = {
-            "policy": "routed_resnet (cost bias)",
-            "value": b,
-            "penalty": cal["penalty"],
-            **res,
-            "flops_ratio": res["mean_flops"] / full,
-            "expensive_share": share,
-        }
-        sweep.append(row)
-        _log(
-            f"routed budget {b:.2f}: penalty {cal['penalty']:.3f}, test acc {res['accuracy']:.4f}, "
-            f"FLOPs ratio {row['flops_ratio']:.3f}, expensive branch {share:.2%}"
-        )
-    op = next(r for r in sweep if r["value"] == cfg.route_budget)
-    calibrate_route_bias(routed, val_set.x, cfg.route_budget)  # leave the operating point set
-
-    # 3. the static ResNet of equal FLOPs: a narrower last group
-    width, matched_flops = _matched_width(kw, op["mean_flops"])
-    m_kw = {**kw, "widths": (*tuple(kw.get("widths", (32, 64, 128)))[:-1], width)}
-    matched = trained(f"routing_params_{cfg.data}-matched", "static_resnet", m_kw, [])
-    matched.eval()
-    matched_row = {
-        "model": f"static_resnet (last group width {width})",
-        **_evaluate((matched.forward_static, matched_flops), x, y),
-    }
-    _log(f"matched static (width {width}): {matched_row['accuracy']:.4f} at {matched_flops / 1e6:.1f} MFLOPs")
-    _log("wall-clock routed_resnet vs the static ResNet of equal FLOPs")
-    rt_time = _timing(matched, routed, x, cfg, matched_flops)
-    _log("wall-clock routed_resnet vs the full static ResNet")
-    rt_full_time = _timing(static, routed, x, cfg, full)
-
-    result = {
+    _log(f"static {static_row['accuracy']:.4f} at {full / 1e6:.1f} MFLOPs")
+    result: dict = {
         "benchmark": "routing_params",
         "data": cfg.data,
         "quick": cfg.quick,
         "config": asdict(cfg),
         "static_acc": static_row["accuracy"],
         "static_mflops": full / 1e6,
-        "dyconv_acc": dy_row["accuracy"],
-        "dyconv_flops_ratio": dy_row["mean_flops"] / full,
-        "dyconv_speedup_b1": dy_time["b1"]["speedup"],
-        "dyconv_speedup_b64": dy_time["b64"]["speedup"],
-        "routed_acc": op["accuracy"],
-        "routed_flops_ratio": op["flops_ratio"],
-        "matched_static_acc": matched_row["accuracy"],
-        "matched_static_flops_ratio": matched_flops / full,
-        "routed_speedup_b1": rt_time["b1"]["speedup"],
-        "routed_speedup_b64": rt_time["b64"]["speedup"],
-        "grouped_vs_loop_speedup": micro["grouped_vs_loop_speedup"],
-        "routed_branch_mflops": (routed.branch_costs() / 1e6).tolist(),
-        "routed_operating_point": op,
-        "routed_sweep": sweep,
         "static": static_row,
-        "dyconv": dy_row,
-        "matched_static": {**matched_row, "width": width},
-        "timing": {"dyconv_vs_static": dy_time, "routed_vs_matched": rt_time, "routed_vs_full": rt_full_time},
-        "micro": micro,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "seconds": time.time() - t0,
+        "timing": {},
     }
+    for part in cfg.parts:
+        if part == "dyconv":
+            fields = _dyconv_part(cfg, trained, static, kw, x, y, full)
+        else:
+            fields = _routed_part(cfg, trained, static, kw, val_set, x, y, full)
+        result["timing"].update(fields.pop("timing"))
+        result.update(fields)
+    carried = [p for p in PARTS if p not in cfg.parts]
+    for part in carried:
+        for k in PART_FIELDS[part]:
+            result[k] = previous[k]
+        for k in PART_TIMING[part]:
+            result["timing"][k] = previous["timing"][k]
+    if carried:
+        result["carried_over"] = {
+            "parts": carried,
+            "from": "the previous result at this path (its models were trained with the same recipe)",
+            "previous_static_acc": previous.get("static_acc"),
+        }
+    result.update(torch=torch.__version__, threads=torch.get_num_threads(), seconds=time.time() - t0)
+    dy_row = result["dyconv"]
+    op, width = result["routed_operating_point"], result["matched_static"]["width"]
+    matched_row = result["matched_static"]
+    sweep = result["routed_sweep"]
     if json_path:
         atomic_write_bytes(json_path, json.dumps(result, indent=2).encode())
     rows = sweep + [
@@ -437,6 +522,19 @@ def _markdown(r: dict) -> str:
             f"| {s['value']:.2f} | {s['penalty']:.3f} | {100 * s['accuracy']:.2f}% "
             f"| {s['mean_flops'] / 1e6:.2f} | {s['flops_ratio']:.3f} | {100 * s['expensive_share']:.1f}% |"
         )
+    if "routed_branch_alone_acc" in r:
+        a = r["routed_branch_alone_acc"]
+        lines += [
+            "",
+            f"Each branch alone on every test sample: cheap {100 * a[0]:.2f}%, expensive {100 * a[1]:.2f}%.",
+        ]
+    if "carried_over" in r:
+        co = r["carried_over"]
+        lines += [
+            "",
+            f"Parts carried over unchanged from the previous run (not re-run here): {', '.join(co['parts'])} "
+            f"(that run's static ResNet: {100 * co['previous_static_acc']:.2f}%).",
+        ]
     lines += [
         "",
         f"## Micro-benchmark: DynamicConv2d ({m['channels']} -> {m['channels']}, 3x3, "
@@ -464,6 +562,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="at most this many train / val / test samples")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budget", type=float, help="routed operating point (fraction of its dearest path)")
+    p.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated parts to run, of {','.join(PARTS)}; the others are carried over from --json",
+    )
     p.add_argument("--json", help="where to write the JSON (Markdown and PNG go beside it)")
     p.add_argument("--out", help="folder for Markdown and PNG (default: beside --json)")
     p.add_argument("--no-progress", action="store_true")
@@ -475,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         extra.update(train_limit=a.limit, val_limit=a.limit, test_limit=a.limit)
     if a.budget:
         extra["route_budget"] = a.budget
+    extra["parts"] = tuple(p.strip() for p in a.parts.split(",") if p.strip())
     cfg = RoutingParamsBenchConfig(data=a.data, quick=a.quick, **extra)
     r = run(cfg, json_path=a.json, out_dir=a.out, progress=not a.no_progress)
     print(json.dumps({k: round(r[k], 4) for k in HEADLINE_KEYS}, indent=2))

@@ -7,7 +7,12 @@ expensive branch.
 
 In training the router mixes both branches with a hard Gumbel-softmax sample (straight-through)
 and adds a budget term (expected branch cost fraction vs `budget`) and a balance term to
-aux["loss"]; in eval each branch runs on its own sub-batch. Per-sample FLOPs = trunk + gate +
+aux["loss"]. With `supervise_branches` (the default) the training output also carries each branch's
+own logits on every sample as extra exits ([cheap, expensive, routed]; the loop's multi-exit loss
+trains all three): both branches run on every sample in training anyway, and without this the
+router's early preference starves the other branch of training (a run with routing-only loss
+collapsed onto the cheap branch and left the expensive one at 33% accuracy). In eval each branch
+runs on its own sub-batch. Per-sample FLOPs = trunk + gate +
 the branch taken. `set_cost_penalty(lam)` / `calibrate_route_bias(model, val_x, budget)` shift the
 routing toward the cheap branch at run time without retraining.
 """
@@ -47,6 +52,7 @@ class RoutedResNetConfig:
     budget: float | None = 0.5  # target expected cost fraction of the routed part (None: no budget term)
     budget_weight: float = 1.0
     balance_weight: float = 0.01
+    supervise_branches: bool = True  # train each branch on every sample too (extra exits in training)
 
     def __post_init__(self) -> None:
         if self.image_size < 1 or self.in_channels < 1 or self.num_classes < 2:
@@ -150,7 +156,10 @@ class RoutedResNet(nn.Module):
         check_model_input(x, self.input_shape)
         if self.training:
             r = self.router(self.trunk(x))
-            return MultiExitOutput([r.output], aux={"loss": r.aux_loss, "branch": r.branch, "probs": r.probs})
+            exits = [r.output]
+            if self.config.supervise_branches:
+                exits = [*r.branch_outputs.unbind(1), r.output]
+            return MultiExitOutput(exits, aux={"loss": r.aux_loss, "branch": r.branch, "probs": r.probs})
         with torch.no_grad():
             r = self.router(self.trunk(x))
             return DynamicOutput(

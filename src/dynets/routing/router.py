@@ -67,7 +67,9 @@ class PoolGate(nn.Module):
 class RouteOutput:
     """output: (B, ...) in input order; branch: (B,) int64 branch (tree: leaf) taken; probs: (B, n)
     routing probabilities (tree: of each leaf); flops: (B,) float64 gate + branch FLOPs of the route
-    taken; aux_loss: scalar budget/balance loss (zero in eval); path: (B, depth) int64 (tree only)."""
+    taken; aux_loss: scalar budget/balance loss (zero in eval); path: (B, depth) int64 (tree only);
+    branch_outputs: (B, n, ...) every branch's output on every sample (BranchRouter training only, for
+    supervising each branch directly)."""
 
     output: torch.Tensor
     branch: torch.Tensor
@@ -75,6 +77,7 @@ class RouteOutput:
     flops: torch.Tensor
     aux_loss: torch.Tensor
     path: torch.Tensor | None = None
+    branch_outputs: torch.Tensor | None = None
 
 
 def _check_number(name: str, value: object, lo: float, hi: float, *, open_lo: bool = True) -> float:
@@ -280,7 +283,7 @@ class BranchRouter(_RouterBase):
         probs = logits.softmax(-1)
         rel = c["branches"] / c["branches"].max()
         flops = c["gate"].to(x.device) + c["branches"].to(x.device)[branch]
-        return RouteOutput(out, branch, probs, flops, self._aux_loss(probs, branch, rel))
+        return RouteOutput(out, branch, probs, flops, self._aux_loss(probs, branch, rel), branch_outputs=ys)
 
 
 class RoutingTree(_RouterBase):

@@ -5,8 +5,10 @@ and 4x that rate.
     python -m dynets.bench.serving [--quick] [--model DIR --data SPEC] [--slo-ms 100] --json PATH
 
   1. the operating-point ladder is calibrated once on the val split and saved (`--ladder`)
-  2. rate R0: open-loop probes of the pinned server at rising rates; the last one whose p95
-     stayed within the SLO without errors
+  2. rate R0: open-loop probes of the pinned server at rising rates (x1.4 each), then `refine`
+     bisection probes between the last rate within the SLO and the first over it; R0 is the
+     highest probed rate whose p95 stayed within the SLO without errors, the break rate the
+     lowest probed rate over it
   3. each server (a `python -m dynets.serve` subprocess, 1 torch thread) is driven at R0, 2 R0
      and 4 R0 for a fixed time by the load generator below; requests are single test images
      (base64 PNG) so accuracy is measured too
@@ -47,6 +49,7 @@ def run(
     max_queue: int = 512,
     threads: int = 1,
     start_rate: float | None = None,
+    refine: int = 3,
     progress: bool = True,
 ) -> dict[str, Any]:
     import torch
@@ -119,17 +122,22 @@ def run(
         # 2. R0: the pinned server's highest probed rate within the SLO; the first rate over it is
         # where the fixed server breaks the SLO
         server = ServerProcess(model_dir, fixed_args, threads=threads)
+
+        def probe(rate: float) -> bool:
+            p = drive(server, rate, probe_s, seed=int(rate))
+            ok = p["p95_ms"] is not None and p["p95_ms"] <= slo_ms and p["errors"] == 0
+            result["probes"].append(
+                {"rate": rate, "p95_ms": p["p95_ms"], "errors": p["errors"], "within_slo": ok}
+            )
+            verdict = "ok" if ok else "over"
+            log(f"probe {rate:7.1f}/s: p95 {p['p95_ms']} ms, errors {p['errors']} -> {verdict}")
+            time.sleep(1.0)
+            return ok
+
         try:
             rate, r0, broke = start_rate or (20.0 if quick else 25.0), None, None
             while rate < 5000:
-                p = drive(server, rate, probe_s, seed=int(rate))
-                ok = p["p95_ms"] is not None and p["p95_ms"] <= slo_ms and p["errors"] == 0
-                result["probes"].append(
-                    {"rate": rate, "p95_ms": p["p95_ms"], "errors": p["errors"], "within_slo": ok}
-                )
-                verdict = "ok" if ok else "over"
-                log(f"probe {rate:7.1f}/s: p95 {p['p95_ms']} ms, errors {p['errors']} -> {verdict}")
-                time.sleep(1.0)
+                ok = probe(rate)
                 if ok:
                     r0, rate = rate, rate * 1.4
                 elif r0 is None and rate > 2.0:  # even the first rate is too much: go down
@@ -137,6 +145,12 @@ def run(
                 else:
                     broke = rate
                     break
+            for _ in range(refine if r0 is not None and broke is not None else 0):
+                mid = round((r0 + broke) / 2, 1)  # bisect the gap between within and over
+                if probe(mid):
+                    r0 = mid
+                else:
+                    broke = mid
         finally:
             server.stop()
         if r0 is None:
@@ -232,17 +246,20 @@ def markdown(r: dict[str, Any]) -> str:
         )
     s = r["summary"]
     brk = s.get("fixed_break_rate") or float("nan")
+    probed = ", ".join(f"{p['rate']:.0f}" for p in r["probes"])
     at2 = s.get("adaptive_load_at_2x_break") or float("nan")
     lines += [
         "",
-        f"Fixed server: within the SLO at {r['r0']:.1f}/s, over it at the next probed rate, "
-        f"{brk:.1f}/s. Adaptive server at twice that rate ({2 * brk:.1f}/s = {at2:.2f}x R0): "
+        f"Fixed server: within the SLO at {r['r0']:.1f}/s, over it at the lowest probed rate above that, "
+        f"{brk:.1f}/s (probed: {probed}/s). Adaptive server at twice that rate "
+        f"({2 * brk:.1f}/s = {at2:.2f}x R0): "
         f"within the SLO: {s['adaptive_within_slo_at_2x_break']}; lost requests: {s['lost_requests']}.",
     ]
     b = s.get("fixed_breaks_slo_at")
     if b is not None and s.get("adaptive_within_slo_at_2x_row_break") is not None:
         lines.append(
-            f"Read from the 20-s rows instead: the fixed server is over the SLO already at {b:.2g}x "
+            f"Read from the {r['duration_s']:.0f}-s rows instead: the fixed server is over the SLO "
+            f"already at {b:.2g}x "
             f"({b * r['r0']:.1f}/s); the adaptive server at twice that load ({2 * b * r['r0']:.1f}/s) is "
             f"within the SLO: {s['adaptive_within_slo_at_2x_row_break']}."
         )
@@ -287,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-batch-delay-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--refine",
+        type=int,
+        default=None,
+        help="bisection probes between R0 and the break rate (default 3, quick 1)",
+    )
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
     model_dir, data = bench_model(args.model, args.data, quick=args.quick)
@@ -300,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_size=args.max_batch_size,
         max_batch_delay_ms=args.max_batch_delay_ms,
         threads=args.threads,
+        refine=args.refine if args.refine is not None else (1 if args.quick else 3),
     )
     out = Path(args.json)
     atomic_write_bytes(out, json.dumps(r, indent=2).encode())

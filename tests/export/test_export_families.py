@@ -1,6 +1,7 @@
-"""Export of block skipping, routing and dynamic-parameter models: the exported runtime takes the
-same per-sample decisions as the eager model, returns its logits (up to float rounding) and the
-same per-sample FLOPs, at batch 1, in batches that split, and for an empty batch."""
+"""Export of block skipping, routing, dynamic-parameter, mixture-of-experts, recurrent (skip-update,
+ACT, frame skipping) and token-halting models: the exported runtime takes the same per-sample
+decisions as the eager model, returns its logits (up to float rounding) and the same per-sample
+FLOPs, at batch 1, in batches that split, and for an empty batch."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from dynets.export import (
     export_model,
     load_runtime,
 )
+from dynets.export.runtime import ACTRuntime, FrameSkipRuntime, HaltingViTRuntime, MoERuntime
 from dynets.policies import ConfidencePolicy, EntropyPolicy
 from dynets.serve.cli import main
 
@@ -232,6 +234,142 @@ def test_glance_focus_export_focuses_only_the_unsure_images(tmp_path, fmt):
     assert focused.any() and not focused.all()
 
 
+def check_same(got: dict, ref, decisions: tuple[str, ...]) -> None:
+    """The runtime's decisions and FLOPs equal the eager model's, its logits are close."""
+    for name in decisions:
+        np.testing.assert_array_equal(got[name], ref.decisions[name].numpy(), err_msg=name)
+    np.testing.assert_allclose(got["logits"], ref.logits.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(got["flops"], ref.flops.numpy())
+
+
+MOE_MODELS = {  # token ids, k=2 with capacity drops, a dense block; features, k=1, dropless, all MoE
+    "ids": dict(vocab_size=50, k=2, moe_layers=[1], eval_capacity_factor=0.6),
+    "features": dict(input_size=3, k=1, moe_layers=None, dropless=True),
+}
+
+
+@pytest.mark.parametrize(("setup", "fmt"), [("ids", "onnx"), ("ids", "torch"), ("features", "onnx")])
+def test_moe_export_runs_each_expert_on_its_own_tokens(tmp_path, setup, fmt):
+    torch.manual_seed(0)
+    kw = MOE_MODELS[setup]
+    model = dynets.create_model(
+        "moe_transformer", d_model=32, n_heads=2, n_layers=2, d_ff=64, num_experts=4, seq_len=12, **kw
+    ).eval()
+    with torch.no_grad():  # routers that spread the tokens over every expert
+        for moe in model.moe_blocks:
+            moe.router.proj.weight.normal_(0, 1.0)
+    gen = torch.Generator().manual_seed(8)
+    if setup == "ids":
+        x = torch.randint(1, 50, (6, 12), generator=gen)
+        x[1, 7:], x[3, 3:] = 0, 0  # padded sequences: their padding takes no expert
+        x = torch.cat([x, torch.zeros(6, 2, dtype=torch.long)], 1)  # trimmed, decisions padded back
+    else:
+        x = torch.randn(6, 12, 3, generator=gen)
+    rt = load_runtime(export_model(model, tmp_path / "e", format=fmt))
+    assert isinstance(rt, MoERuntime)
+    for xb in (x, x[:1], x[2:5]):
+        check_same(rt.run(xb.numpy()), model(xb), ("expert", "dropped"))
+    expert = rt.run(x.numpy())["expert"]
+    assert len(set(expert[expert >= 0].tolist())) == 4  # every expert got tokens of its own
+    if setup == "ids":
+        assert rt.run(x.numpy())["dropped"].sum() > 0  # capacity dropped some, as the eager model
+        with pytest.raises(ValueError, match=r"expected token ids in \[0, 50\)"):
+            rt.run(x.numpy() + 50)
+        with pytest.raises(ValueError, match="of an integer dtype"):
+            rt.run(x.numpy().astype(np.float32))
+    else:
+        assert expert.shape == (6, 2, 12, 1)  # (B, n_moe, T, k)
+        with pytest.raises(ValueError, match=r"expected features \(B, T >= 1, 3\)"):
+            rt.run(x.numpy()[..., :2])
+    empty = rt.run(x.numpy()[:0])
+    assert empty["logits"].shape == (0, 2) and empty["flops"].shape == (0,)
+    with pytest.raises(ValueError, match="has no run-time policy"):
+        rt.run(x.numpy(), {"capacity_factor": 1.0})
+
+
+def sequences(model, T: int = 10):
+    x = torch.randn(7, T, model.config.input_size, generator=torch.Generator().manual_seed(9))
+    return x, torch.tensor([T, 4, 7, T, 1, 6, T])
+
+
+@pytest.mark.parametrize(("cell", "fmt"), [("gru", "onnx"), ("lstm", "onnx"), ("gru", "torch")])
+def test_act_export_ponders_only_the_rows_that_have_not_halted(tmp_path, cell, fmt):
+    torch.manual_seed(0)
+    model = dynets.create_model(
+        "act_rnn", cell=cell, input_size=3, hidden=16, num_classes=4, seq_len=10, max_ponder=4, halt_bias=3.0
+    ).eval()
+    with torch.no_grad():  # halting probabilities spread out: rows halt after different passes
+        model.halt.weight.normal_(0, 4.0)
+    x, lengths = sequences(model)
+    rt = load_runtime(export_model(model, tmp_path / "e", format=fmt))
+    assert isinstance(rt, ACTRuntime)
+    for xb, ln in ((x, None), (x, lengths), (x[:1], None), (x[4:5], lengths[4:5])):
+        got = rt.run(xb.numpy(), None, None if ln is None else ln.numpy())
+        check_same(got, model(xb, ln), ("ponder",))
+    ponder = rt.run(x.numpy())["ponder"]
+    assert len(set(ponder.flatten().tolist())) >= 2  # rows halt after different passes: compaction
+    assert rt.run(x.numpy()[:0])["ponder"].shape == (0, 10)
+    with pytest.raises(ValueError, match="has no run-time policy"):
+        rt.run(x.numpy(), {"epsilon": 0.1})
+    with pytest.raises(ValueError, match=r"x: expected shape \(B, T, F=3\)"):
+        rt.run(x.numpy()[..., :2])
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch"])
+def test_frame_skip_export_reads_only_the_rows_due_to_read(tmp_path, fmt):
+    torch.manual_seed(0)
+    model = dynets.create_model("frameskip_rnn", input_size=3, hidden=16, num_classes=4, max_skip=3).eval()
+    with torch.no_grad():  # a policy that skips 0..3 frames depending on the state
+        model.skip_policy.weight.normal_(0, 2.0)
+        model.skip_policy.bias.zero_()
+    x, lengths = sequences(model)
+    with torch.no_grad():  # everyone reads frame 0: a stop confidence that stops half of them there
+        first = model.stack.step(x[:, 0], model.stack.init_state(7, x))
+        conf = between(model.head(model.stack.top(first)).softmax(1).amax(1))
+    rt = load_runtime(export_model(model, tmp_path / "e", format=fmt))
+    assert isinstance(rt, FrameSkipRuntime)
+    cases = ((x, None, None), (x, lengths, None), (x, None, conf), (x, lengths, conf))
+    for xb, ln, c in (*cases, (x[:1], None, None), (x[1:2], lengths[1:2], conf)):
+        got = rt.run(xb.numpy(), {"stop_confidence": c}, None if ln is None else ln.numpy())
+        check_same(got, model(xb, ln, stop_confidence=c), ("read", "num_reads", "stop_step"))
+    read = rt.run(x.numpy())["read"]
+    per_frame = read.sum(0)
+    assert ((per_frame > 0) & (per_frame < 7)).any()  # frames read by some rows and skipped by others
+    stop = rt.run(x.numpy(), {"stop_confidence": conf})["stop_step"]
+    assert (stop == 0).any() and (stop != 0).any()
+    assert rt.run(x.numpy()[:0])["read"].shape == (0, 10)
+    with pytest.raises(ValueError, match=r"stop_confidence: expected None or a number in \(0, 1\]"):
+        rt.run(x.numpy(), {"stop_confidence": 1.5})
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch"])
+def test_halting_vit_export_drops_the_halted_tokens(tmp_path, fmt):
+    torch.manual_seed(0)
+    model = dynets.create_model(
+        "avit_tiny", dim=48, heads=3, image_size=16, depth=4, gate_center=1.0, target_depth=2.0
+    ).eval()
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():  # a threshold between the class tokens' summed scores after two blocks
+        t, cum = model.embed(x), 0.0
+        for i in range(2):
+            t = model.blocks[i](t)
+            cum = cum + model.halting_score(t, i)[:, 0]
+    model.threshold = between(cum)  # so that some samples finish there and others go on
+    rt = load_runtime(export_model(model, tmp_path / "e", format=fmt))
+    assert isinstance(rt, HaltingViTRuntime)
+    for xb, thr in ((x, None), (x[:1], None), (x[3:4], None), (x, 0.5), (x, 1.0)):
+        got = rt.run(xb.numpy(), None if thr is None else {"threshold": thr})
+        check_same(got, model(xb, threshold=thr), ("depth",))
+    depth = rt.run(x.numpy())["depth"]
+    assert len(set(depth.flatten().tolist())) >= 3  # tokens halt at different blocks
+    assert len(set(depth[:, 0].tolist())) >= 2  # and samples finish at different blocks
+    assert rt.run(x.numpy()[:0])["depth"].shape == (0, 17)
+    with pytest.raises(ValueError, match=r"threshold: expected a number in \(0, 1\]"):
+        rt.run(x.numpy(), {"threshold": 0.0})
+    with pytest.raises(ValueError, match=r"input: expected shape \(B, 3, 16, 16\)"):
+        rt.run(x.numpy()[:, :2])
+
+
 def test_export_refuses_what_it_cannot_express(tmp_path, skipnet):
     torch.manual_seed(0)
     dyconv = dynets.create_model("dyconv_resnet", widths=(8, 16, 32), image_size=16)
@@ -239,6 +377,8 @@ def test_export_refuses_what_it_cannot_express(tmp_path, skipnet):
         export_model(dyconv, tmp_path / "d", format="onnx")
     with pytest.raises(TypeError, match="expected a model of an exportable family"):
         export_model(torch.nn.Linear(2, 2), tmp_path / "l")
+    with pytest.raises(TypeError, match="expected a model of an exportable family"):  # nothing dynamic
+        export_model(dynets.create_model("static_gru", input_size=3), tmp_path / "g")
     with pytest.raises(ValueError, match="options of early-exit exports"):
         export_model(skipnet[0], tmp_path / "s", whole_graph=True)
     with pytest.raises(ValueError, match="format: expected one of"):

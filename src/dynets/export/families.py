@@ -19,10 +19,27 @@
     Dynamic BERT (DynamicBert)                       embeddings, one graph per kept layer and per
                                                      exit head, dynamic in batch and length; the
                                                      current width x depth sub-network is exported
+    MoE transformer (moe_transformer)                embedding, each block's attention, each MoE
+                                                     block's router (top-k experts and gates), one
+                                                     graph per expert (dynamic in its token count),
+                                                     each dense FFN, the pooled head; the runtime
+                                                     groups the tokens by expert with the eager
+                                                     capacity rule and runs each expert on its own
+    ACT RNN (act_rnn)                                one ponder pass (cell + halting probability) and
+                                                     the classifier; the runtime ponders each step
+                                                     only for the rows that have not halted
+    frame skipping (frameskip_rnn)                   one read (cell + skip length) and the classifier
+                                                     (+ its confidence, for early stops); the runtime
+                                                     reads each frame for the rows due to read only
+    A-ViT halting (avit_tiny)                        embedding, per block its qkv, attention core and
+                                                     rest (+ halting scores), head; the runtime keeps
+                                                     the active tokens of all samples packed, as the
+                                                     eager executor does, and drops halted ones
 
 The runtimes in `runtime.py` (copied into every export) run the gates between the graphs and each
 block or branch on its own rows only, as the eager executors do. `export_model` picks the
-exporter for any of these and for early-exit networks (`staged.export_staged`).
+exporter for any of these and for early-exit networks (`staged.export_staged`). The file runs past
+400 lines because each family's exporter is short and they share the helpers above them.
 """
 
 from __future__ import annotations
@@ -46,6 +63,10 @@ SUPPORTED = (
     "token pruning and merging at a fixed keep ratio / merge count (dynamicvit_tiny, tome_vit_tiny)",
     "skip-update RNNs (SkipRNN: skip_lstm, skip_gru)",
     "glance and focus (GlanceFocusNet: glance_focus)",
+    "mixture-of-experts transformers (MoETransformer: moe_transformer, dense_transformer)",
+    "adaptive computation time RNNs (ACTRNN: act_rnn)",
+    "frame skipping RNNs (FrameSkipRNN: frameskip_rnn)",
+    "A-ViT token halting (HaltingViT: avit_tiny)",
 )
 
 
@@ -81,10 +102,25 @@ def _focus(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Te
 
 
 def _rnn_step(model: nn.Module, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Skip-RNN step for the rows that update: (x_t (n, F), state (n, R, H)) -> (new state,
-    the update gate's Δũ (n,))."""
+    """One step of a recurrent model for the rows that compute it: (x_t (n, F), state (n, R, H)) ->
+    (new state, the decision input read from it): a Skip-RNN's update gate Δũ (n,), an ACT pass's
+    halting probability (n,) (x_t then carries the first-pass flag), a frame skipper's skip length
+    (n,) int64 (the argmax of its policy)."""
+    from dynets.temporal.act import ACTRNN
+    from dynets.temporal.frame_skip import FrameSkipRNN
+
     new = model.stack.step(x_t, state, model.stack.prepare())
+    if isinstance(model, ACTRNN):
+        return new, model._halting(new)
+    if isinstance(model, FrameSkipRNN):
+        return new, model.skip_policy(model.stack.top(new)).argmax(1)
     return new, torch.sigmoid(model.gate(model.stack.memory(new))).squeeze(1)
+
+
+def _rnn_head(model: nn.Module, confidence: bool, state: torch.Tensor) -> Any:
+    """state (n, R, H) -> logits (n, C) [, their top softmax probability, for early stops]."""
+    logits = model.head(model.stack.top(state))
+    return (logits, logits.softmax(1).amax(1)) if confidence else logits
 
 
 def _one_graph(model: nn.Module) -> tuple[Any, list[str], dict[str, Any]]:
@@ -306,29 +342,186 @@ def export_glance(model: nn.Module, out: str | Path, *, format: str, opset: int,
     return write_export(out, units, manifest, format=format, opset=opset)
 
 
-def export_skip_rnn(
-    model: nn.Module, out: str | Path, *, format: str, opset: int, example_batch: int
-) -> Path:
-    """A Skip-RNN's step (cell stack + update gate) and classifier as graphs (kind "skip_rnn")."""
-    c = model.config
+def export_rnn(model: nn.Module, out: str | Path, *, format: str, opset: int, example_batch: int) -> Path:
+    """A recurrent model's step (cell stack + its decision input) and classifier as graphs: kind
+    "skip_rnn" (SkipRNN), "act_rnn" (ACTRNN, the step is one ponder pass) or "frame_skip"
+    (FrameSkipRNN, the classifier also gives its confidence)."""
+    from dynets.temporal.act import ACTRNN
+    from dynets.temporal.frame_skip import FrameSkipRNN
+
+    c, u = model.config, model.unit_costs()
+    if isinstance(model, ACTRNN):
+        kind, decide, extra = "act_rnn", model.halt, {"pass_cost": float(model.pass_cost())}
+        extra.update(max_ponder=c.max_ponder, epsilon=c.epsilon)
+    elif isinstance(model, FrameSkipRNN):
+        kind, decide, extra = "frame_skip", model.skip_policy, {"read_cost": float(u["step"] + u["policy"])}
+        extra["policy"] = {"stop_confidence": c.stop_confidence}
+    else:
+        kind, decide = "skip_rnn", model.gate
+        extra = {"update_cost": float(model.update_cost()), "full_cost": float(model.full_cost())}
+        extra["policy"] = {"threshold": float(model.threshold)}
     gen = torch.Generator().manual_seed(0)
-    x_t = torch.rand(example_batch, c.input_size, generator=gen)
+    x_t = torch.rand(example_batch, model.stack.input_size, generator=gen)
     state = torch.rand(example_batch, model.stack.state_rows, c.hidden, generator=gen)
+    head = _graph(model.head, partial(_rnn_head, model, kind == "frame_skip"))
     units = [
-        ("step", _graph(nn.ModuleList([model.stack, model.gate]), partial(_rnn_step, model)), (x_t, state)),
-        ("head", _graph(model.head, lambda st: model.head(model.stack.top(st))), (state,)),
+        ("step", _graph(nn.ModuleList([model.stack, decide]), partial(_rnn_step, model)), (x_t, state)),
+        ("head", head, (state,)),
     ]
-    u = model.unit_costs()
-    manifest = _manifest(model, "skip_rnn", format, opset, units)
+    manifest = _manifest(model, kind, format, opset, units)
     manifest.update(
         input_size=c.input_size,
         state_shape=[model.stack.state_rows, c.hidden],
-        update_cost=float(model.update_cost()),
         head_cost=float(u["head"]),
+        **extra,
+    )
+    return write_export(out, units, manifest, format=format, opset=opset)
+
+
+def _moe_embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, L) ids or (B, L, F) features -> (B, L, d) embeddings + sinusoidal positions."""
+    from dynets.models.moe_transformer import sinusoid
+
+    return model.embed(x) + sinusoid(x.shape[1], model.config.d_model, x.device)
+
+
+def _moe_attention(block: nn.Module, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """h + attention(ln1(h)) for (B, L, d), padded keys masked as in the eager model."""
+    bias = (~valid)[:, None, None, :].to(h.dtype) * torch.finfo(h.dtype).min  # (B, 1, 1, L)
+    return h + block.attn(block.ln1(h), bias)
+
+
+def _moe_route(block: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Valid tokens z (N, d) -> (ln2(z), the expert input; top-k experts (N, k); gates (N, k))."""
+    zn = block.ln2(z)
+    return (zn, *block.ffn.router(zn)[2:])
+
+
+def _moe_head(model: nn.Module, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid tokens of ln_f(h), then the classifier: (B, L, d) -> (B, C)."""
+    h = model.ln_f(h) * valid[..., None]
+    return model.head(h.sum(dim=1) / valid.sum(1)[:, None].to(h.dtype))
+
+
+def export_moe(model: nn.Module, out: str | Path, *, format: str, opset: int, example_batch: int) -> Path:
+    """Embedding, attention, router, expert and FFN graphs of an MoETransformer (kind "moe")."""
+    from dynets.width.moe import MoE
+
+    c = model.config
+    BL = {0: "batch", 1: "length"}
+    gen = torch.Generator().manual_seed(0)
+    if model.tokens_mode:
+        x = torch.randint(0, c.vocab_size, (example_batch, 7), generator=gen)
+    else:
+        x = torch.rand(example_batch, 7, c.input_size, generator=gen)
+    valid = torch.ones(example_batch, 7, dtype=torch.bool)
+    valid[-1, 4:] = False
+    z = torch.rand(3 * example_batch, c.d_model, generator=gen)  # tokens, for the per-token graphs
+    units: list[tuple[str, nn.Module, tuple[torch.Tensor, ...]]] = [
+        ("embed", _graph(model.embed, partial(_moe_embed, model)), (x,))
+    ]
+    axes: dict[str, Any] = {"embed": ([BL], [BL])}
+    with torch.no_grad():
+        h = _moe_embed(model, x)
+    for i, b in enumerate(model.blocks):
+        owner = nn.ModuleList([b.ln1, b.attn])
+        units.append((f"attn_{i}", _graph(owner, partial(_moe_attention, b)), (h, valid)))
+        axes[f"attn_{i}"] = ([BL, BL], [BL])
+        if isinstance(b.ffn, MoE):
+            route = _graph(nn.ModuleList([b.ln2, b.ffn.router]), partial(_moe_route, b))
+            units.append((f"router_{i}", route, (z,)))
+            units += [(f"expert_{i}_{e}", _graph(ex), (z,)) for e, ex in enumerate(b.ffn.experts)]
+        else:
+            ffn = nn.Sequential(b.ln2, b.ffn)
+            units.append((f"ffn_{i}", _graph(ffn), (z,)))
+    head = _graph(nn.ModuleList([model.ln_f, model.head]), partial(_moe_head, model))
+    units.append(("head", head, (h, valid)))
+    axes["head"] = ([BL, BL], [{0: "batch"}])
+    u, moe = model.unit_costs(), [isinstance(b.ffn, MoE) for b in model.blocks]
+    cf = c.capacity_factor if c.eval_capacity_factor is None else c.eval_capacity_factor
+    manifest = _manifest(model, "moe", format, opset, units)
+    manifest.update(
+        moe_layers=moe,
+        num_experts=c.num_experts,
+        k=c.k,
+        capacity_factor=None if c.dropless else float(cf),
+        d_model=c.d_model,
+        vocab_size=c.vocab_size,
+        pad_token_id=c.pad_token_id,
+        input_size=c.input_size,
+        costs={
+            "attention": _coefficients(u["attention"]),
+            "per_token": u["embed"] + (len(moe) - sum(moe)) * u["ffn"] + sum(moe) * u["router"],
+            "expert": u["expert"],
+            "head": u["head"],
+        },
+    )
+    return write_export(out, units, manifest, format=format, opset=opset, axes=axes)
+
+
+def _avit_attention(heads: int, grid: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The attention core of one A-ViT block on the live samples' qkv laid out per sample:
+    grid (n, L, 3D), valid (n, L) (False: padding, not a key) -> (n, L, D)."""
+    from dynets.models.vit import attention_core
+
+    n, L, D = grid.shape[0], grid.shape[1], grid.shape[2] // 3
+    q, k, v = grid.reshape(n, L, 3, heads, D // heads).permute(2, 0, 3, 1, 4)  # each (n, H, L, d)
+    bias = torch.zeros_like(grid[..., 0]).masked_fill(~valid, float("-inf"))[:, None, None, :]
+    return attention_core(q, k, v, bias).transpose(1, 2).reshape(n, L, D)
+
+
+def _avit_rest(model: nn.Module, i: int, xp: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rest of block i on packed tokens: xp + proj(o), then the MLP; and the halting scores."""
+    blk = model.blocks[i]
+    xp = xp + blk.attn.proj(o)
+    xp = xp + blk.mlp(blk.norm2(xp))
+    return xp, model.halting_score(xp, i)
+
+
+def export_halting_vit(
+    model: nn.Module, out: str | Path, *, format: str, opset: int, example_batch: int
+) -> Path:
+    """Embedding, per-block qkv / attention core / rest (+ halting) and head graphs of an A-ViT
+    (kind "halting_vit"); the runtime packs the active tokens between them."""
+    x = _example(model, example_batch)
+    embed = nn.Module()  # only what ViT.embed reads, so the graph does not carry the whole model
+    embed.normalize, embed.patch_embed = model.normalize, model.patch_embed
+    embed.cls_token, embed.pos_embed = model.cls_token, model.pos_embed
+    BL = {0: "batch", 1: "length"}
+    units: list[tuple[str, nn.Module, tuple[torch.Tensor, ...]]] = [
+        ("embed", _graph(embed, partial(type(model).embed, embed)), (x,))
+    ]
+    axes: dict[str, Any] = {}
+    with torch.no_grad():
+        t = model.embed(x)
+        B, T, D = t.shape
+        xp = t.reshape(B * T, D)
+        valid = torch.ones(B, T, dtype=torch.bool)
+        valid[-1, T // 2 :] = False
+        for i, blk in enumerate(model.blocks):
+            qkv_unit = _graph(nn.Sequential(blk.norm1, blk.attn.qkv))
+            qkv = qkv_unit(xp)[0]
+            core = _graph(nn.Module(), partial(_avit_attention, blk.attn.heads))
+            rest = _graph(nn.ModuleList([blk.attn.proj, blk.norm2, blk.mlp]), partial(_avit_rest, model, i))
+            units += [
+                (f"qkv_{i}", qkv_unit, (xp,)),
+                (f"attn_{i}", core, (qkv.reshape(B, T, 3 * D), valid)),
+                (f"rest_{i}", rest, (xp, xp.flip(0))),  # two tensors: torch.export merges aliases
+            ]
+            axes[f"attn_{i}"] = ([BL, BL], [BL])
+        head = _graph(nn.ModuleList([model.norm, model.head]), lambda c: model.head(model.norm(c)))
+        units.append(("head", head, (t[:, 0],)))  # the ACT-weighted class tokens (B, D) -> logits
+    manifest = _manifest(model, "halting_vit", format, opset, units)
+    manifest.update(
+        depth=len(model.blocks),
+        dim=D,
+        tokens=T,
+        base_cost=float(model.embed_cost() + model.head_cost()),
+        block_costs=model._block_cost_table().tolist(),
         full_cost=float(model.full_cost()),
         policy={"threshold": float(model.threshold)},
     )
-    return write_export(out, units, manifest, format=format, opset=opset)
+    return write_export(out, units, manifest, format=format, opset=opset, axes=axes)
 
 
 def export_model(
@@ -345,10 +538,14 @@ def export_model(
     `granularity` and `whole_graph` apply to early-exit networks only."""
     from dynets.depth.skipping import SkipNetwork
     from dynets.models.dynamic_params import DyConvResNet, HyperMLP
+    from dynets.models.moe_transformer import MoETransformer
     from dynets.models.routing import RoutedResNet
     from dynets.spatial.glance import GlanceFocusNet
+    from dynets.spatial.halting import HaltingViT
     from dynets.spatial.merging import ToMeViT
     from dynets.spatial.token_pruning import DynamicViT
+    from dynets.temporal.act import ACTRNN
+    from dynets.temporal.frame_skip import FrameSkipRNN
     from dynets.temporal.skip_rnn import SkipRNN
     from dynets.text.bert import DynamicBert  # imports transformers only when a model is built
     from dynets.width.slimmable import SlimmableNetwork
@@ -373,8 +570,12 @@ def export_model(
         exporter = export_width
     elif isinstance(model, GlanceFocusNet):
         exporter = export_glance
-    elif isinstance(model, SkipRNN) and model.config.skip:
-        exporter = export_skip_rnn
+    elif isinstance(model, (ACTRNN, FrameSkipRNN)) or (isinstance(model, SkipRNN) and model.config.skip):
+        exporter = export_rnn
+    elif isinstance(model, MoETransformer):
+        exporter = export_moe
+    elif isinstance(model, HaltingViT):
+        exporter = export_halting_vit
     elif isinstance(model, (DyConvResNet, HyperMLP, DynamicViT, ToMeViT)):
         exporter = export_single
         if isinstance(model, DyConvResNet) and format == "onnx":

@@ -1,14 +1,18 @@
 """Small runtimes for exported dynamic models: one graph per stage and per exit head (early exit),
-per block and per gate (block skipping), per branch (routing), or one graph (dynamic parameters),
-the decisions applied between the graphs in NumPy, each graph run on the rows that need it.
+per block and per gate (block skipping), per branch (routing), per expert (mixture of experts),
+per recurrent step or ponder pass (skip-update, ACT and frame-skipping RNNs), per transformer block
+piece (A-ViT halting), or one graph (dynamic parameters), the decisions applied between the graphs
+in NumPy, each graph run on the rows (samples, tokens) that need it.
 
 This file imports neither torch nor dynets (torch only for the `torch` backend, lazily), and the
 exporter copies it into every exported directory as `dynets_runtime.py`, so an ONNX export runs
-anywhere NumPy and onnxruntime do:
+anywhere NumPy and onnxruntime do (which is why every family's runtime lives in this one file, past
+the usual 400 lines):
 
     from dynets_runtime import load_runtime
     rt = load_runtime("exported/")   # the runtime of the export's kind (classes below)
-    out = rt.run(x)            # x: (B, C, H, W) float32 (token ids for text); out["logits"],
+    out = rt.run(x)            # x: (B, C, H, W) float32 (token ids for text, (B, T, F) for
+                               # sequences); out["logits"],
                                # out["flops"] and the decisions (exit_index, blocks_run, ...)
 
 Early exit (StagedRuntime), per batch, as the eager model does:
@@ -171,6 +175,43 @@ class _Runtime:
         if not np.isfinite(x).all():
             raise ValueError("input: expected finite values, got NaN or inf")
         return x
+
+    def _check_ids(self, ids: Any) -> np.ndarray:
+        """Token ids (B, L) of an integer dtype in [0, vocab_size), L >= 1, as int64."""
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu" or ids.ndim != 2:
+            raise ValueError(
+                f"input: expected token ids (B, L) of an integer dtype, got {ids.dtype} {ids.shape}"
+            )
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(
+                f"input: expected token ids in [0, {self.vocab_size}), "
+                f"got values in [{ids.min()}, {ids.max()}]"
+            )
+        if ids.shape[0] and ids.shape[1] == 0:
+            raise ValueError("input: expected at least one token per sentence (L >= 1), got L = 0")
+        return ids.astype(np.int64)
+
+    def _no_policy(self, policy: Any) -> None:
+        if policy:
+            raise ValueError(
+                f"this export ({self.manifest['architecture']}) has no run-time policy; got {policy!r}"
+            )
+
+    def _empty(self, **decisions: np.ndarray) -> dict[str, np.ndarray]:
+        """The result of an empty batch: no logits, no FLOPs, the given (empty) decisions."""
+        logits = np.zeros((0, self.num_classes), dtype=np.float32)
+        return {"logits": logits, **decisions, "flops": np.zeros(0, dtype=np.float64)}
+
+    def _rows(self, name: str, rows: np.ndarray, *inputs: np.ndarray) -> list[np.ndarray]:
+        """Graph `name` on the rows `rows` (a bool mask) of each input only."""
+        return self.graphs.run(name, [np.ascontiguousarray(a if rows.all() else a[rows]) for a in inputs])
+
+
+def _token_lengths(ids: np.ndarray, pad: int) -> np.ndarray:
+    """(B,) the last non-pad position + 1 of right-padded ids (B, L), at least 1."""
+    pos = np.arange(1, ids.shape[1] + 1)
+    return np.maximum(((ids != pad) * pos).max(1, initial=0), 1)
 
 
 class StagedRuntime(_Runtime):
@@ -367,24 +408,17 @@ class WidthRuntime(_Runtime):
         return {"logits": logits, "width": self.width_mults[index], "width_index": index, "flops": flops}
 
 
-class SkipRNNRuntime(_Runtime):
-    """Runs an exported Skip-RNN on x (B, T, F) (optionally with lengths (B,)): at each step only
-    the rows whose accumulated update probability ũ reaches the threshold run the step graph; the
-    others add their last Δũ, as the eager model does. `policy`: {"threshold": t}."""
-
-    kind = "skip_rnn"
+class _SequenceRuntime(_Runtime):
+    """What the recurrent runtimes share: x (B, T, F) with optional lengths (B,), a state
+    (B, R, H) carried between the "step" graph calls, the classifier graph "head"."""
 
     def _load(self, m: dict[str, Any]) -> None:
         self.input_size, self.state_shape = int(m["input_size"]), tuple(m["state_shape"])
-        self.policy = m["policy"]
+        self.head_cost = float(m["head_cost"])
+        self.policy = m.get("policy", {})
 
-    def run(
-        self, x: np.ndarray, policy: dict[str, Any] | None = None, lengths: np.ndarray | None = None
-    ) -> dict[str, np.ndarray]:
-        """logits (B, C), updated (B, T) bool, num_updates (B,), flops (B,)."""
-        thr = (policy or self.policy).get("threshold", 0.5)
-        if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0 <= thr <= 1:
-            raise ValueError(f"threshold: expected a value in [0, 1], got {thr!r}")
+    def _sequences(self, x: Any, lengths: Any) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, int]:
+        """The checked x (B, T, F) float32, lengths (B,) int64 or None, a zero state, the steps to run."""
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 3 or x.shape[2] != self.input_size:
             raise ValueError(f"x: expected shape (B, T, F={self.input_size}), got {x.shape}")
@@ -395,33 +429,133 @@ class SkipRNNRuntime(_Runtime):
             lengths = np.asarray(lengths, dtype=np.int64)
             if lengths.shape != (B,) or (lengths < 1).any() or (lengths > T).any():
                 raise ValueError(f"lengths: expected (B,) = ({B},) values in [1, {T}], got {lengths!r}")
+        steps = 0 if B == 0 else T if lengths is None else int(lengths.max())
+        return x, lengths, np.zeros((B, *self.state_shape), dtype=np.float32), steps
+
+    @staticmethod
+    def _valid(t: int, lengths: np.ndarray | None, B: int) -> np.ndarray:
+        """(B,) bool: the rows whose sequence has a step t."""
+        return np.ones(B, dtype=bool) if lengths is None else t < lengths
+
+
+class SkipRNNRuntime(_SequenceRuntime):
+    """Runs an exported Skip-RNN on x (B, T, F) (optionally with lengths (B,)): at each step only
+    the rows whose accumulated update probability ũ reaches the threshold run the step graph; the
+    others add their last Δũ, as the eager model does. `policy`: {"threshold": t}."""
+
+    kind = "skip_rnn"
+
+    def run(
+        self, x: np.ndarray, policy: dict[str, Any] | None = None, lengths: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """logits (B, C), updated (B, T) bool, num_updates (B,), flops (B,)."""
+        thr = (policy or self.policy).get("threshold", 0.5)
+        if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0 <= thr <= 1:
+            raise ValueError(f"threshold: expected a value in [0, 1], got {thr!r}")
+        x, lengths, state, steps = self._sequences(x, lengths)
+        B, T, _ = x.shape
         updated = np.zeros((B, T), dtype=bool)
         if B == 0:
-            z = np.zeros(0)
-            return {
-                "logits": np.zeros((0, self.num_classes), np.float32),
-                "updated": updated,
-                "num_updates": z,
-                "flops": z,
-            }
-        steps = T if lengths is None else int(lengths.max())
-        state = np.zeros((B, *self.state_shape), dtype=np.float32)
+            return self._empty(updated=updated, num_updates=np.zeros(0))
         ut, delta = np.ones(B, dtype=np.float32), np.zeros(B, dtype=np.float32)
         thr32 = np.float32(thr)
         for t in range(steps):
-            upd = ut >= thr32 if lengths is None else (ut >= thr32) & (t < lengths)  # who updates at t
-            if upd.all():
-                state, delta = self.graphs.run("step", [np.ascontiguousarray(x[:, t]), state])
-            elif upd.any():  # the updating rows only
-                new, d = self.graphs.run("step", [np.ascontiguousarray(x[upd, t]), state[upd]])
-                state, delta = np.array(state), np.array(delta)
-                state[upd], delta[upd] = new, d
+            upd = (ut >= thr32) & self._valid(t, lengths, B)  # who updates at t
+            if upd.any():  # the updating rows only
+                state[upd], delta[upd] = self._rows("step", upd, x[:, t], state)
             ut = np.where(upd, delta, np.minimum(ut + delta, np.float32(1.0)))
             updated[:, t] = upd
         n = updated.sum(1)
-        flops = n * float(self.manifest["update_cost"]) + float(self.manifest["head_cost"])
+        flops = n * float(self.manifest["update_cost"]) + self.head_cost
         logits = self.graphs.run("head", [state])[0]
         return {"logits": logits, "updated": updated, "num_updates": n, "flops": flops}
+
+
+class ACTRuntime(_SequenceRuntime):
+    """Runs an exported ACT RNN on x (B, T, F) (optionally with lengths (B,)): at each step the
+    ponder-pass graph runs pass after pass on the rows still pondering only; a row leaves the loop
+    at the pass where its halting sum reaches 1 - epsilon (or at max_ponder) and its ACT-weighted
+    state is written back, as the eager executor does. No run-time knob."""
+
+    kind = "act_rnn"
+
+    def run(
+        self, x: np.ndarray, policy: dict[str, Any] | None = None, lengths: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """logits (B, C), ponder (B, T) passes per step (0 on padding), flops (B,)."""
+        self._no_policy(policy)
+        x, lengths, state, steps = self._sequences(x, lengths)
+        B, T, _ = x.shape
+        ponder = np.zeros((B, T), dtype=np.int64)
+        if B == 0:
+            return self._empty(ponder=ponder)
+        N, limit = int(self.manifest["max_ponder"]), np.float32(1 - self.manifest["epsilon"])
+        for t in range(steps):
+            rows = np.flatnonzero(self._valid(t, lengths, B))  # input positions still pondering
+            xt = x[rows, t]
+            first = np.concatenate([xt, np.ones((rows.size, 1), np.float32)], 1)  # first-pass flag
+            rest = np.concatenate([xt, np.zeros((rows.size, 1), np.float32)], 1)
+            s, cum = state[rows], np.zeros(rows.size, dtype=np.float32)
+            acc = np.zeros_like(s)
+            for n in range(1, N + 1):
+                s, h = self.graphs.run("step", [first if n == 1 else rest, s])  # 1. one pass
+                stop = (cum + h >= limit) | (n == N)  # 2. who halts at this pass
+                acc += np.where(stop, np.float32(1) - cum, h)[:, None, None] * s
+                state[rows[stop]], ponder[rows[stop], t] = acc[stop], n  # 3. write back the halted
+                if stop.all():
+                    break
+                keep = ~stop  # 4. compaction: the others ponder on
+                rows, s, acc, cum, h, rest = rows[keep], s[keep], acc[keep], cum[keep], h[keep], rest[keep]
+                cum = cum + h
+        flops = ponder.sum(1) * float(self.manifest["pass_cost"]) + self.head_cost
+        return {"logits": self.graphs.run("head", [state])[0], "ponder": ponder, "flops": flops}
+
+
+def _confidence(spec: dict[str, Any]) -> float | None:
+    c = spec.get("stop_confidence")
+    if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1):
+        raise ValueError(f"stop_confidence: expected None or a number in (0, 1], got {c!r}")
+    return c
+
+
+class FrameSkipRuntime(_SequenceRuntime):
+    """Runs an exported frame-skipping RNN on x (B, T, F) (optionally with lengths (B,)): at each
+    frame only the rows due to read it run the read graph (cell + skip length); the others count
+    down the frames they skip. With a stop confidence the classifier also runs on the reading rows
+    and a row that is sure enough stops reading for good. `policy`: {"stop_confidence": c or None}."""
+
+    kind = "frame_skip"
+
+    def run(
+        self, x: np.ndarray, policy: dict[str, Any] | None = None, lengths: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """logits (B, C), read (B, T) bool, num_reads (B,), stop_step (B,) (-1: no early stop), flops."""
+        conf = _confidence(self.policy if policy is None else policy)
+        x, lengths, state, steps = self._sequences(x, lengths)
+        B, T, _ = x.shape
+        read, stop = np.zeros((B, T), dtype=bool), np.full(B, -1, dtype=np.int64)
+        if B == 0:
+            return self._empty(read=read, num_reads=np.zeros(0, dtype=np.int64), stop_step=stop)
+        logits = np.zeros((B, self.num_classes), dtype=np.float32)
+        countdown = np.zeros(B, dtype=np.int64)  # frames left to skip
+        active = np.ones(B, dtype=bool)  # not stopped early
+        for t in range(steps):
+            due = (countdown == 0) & self._valid(t, lengths, B) & active  # 1. who reads frame t
+            if due.any():
+                new, skip = self._rows("step", due, x[:, t], state)  # 2. those rows only
+                state[due], countdown[due], read[due, t] = new, skip, True
+                if conf is not None:  # 3. early stops
+                    lg, sure = self.graphs.run("head", [new])
+                    done = sure >= np.float32(conf)
+                    gone = np.flatnonzero(due)[done]
+                    logits[gone], stop[gone], active[gone] = lg[done], t, False
+            countdown = np.where(due, countdown, countdown - 1)
+        if active.any():
+            logits[active] = self._rows("head", active, state)[0]
+        n = read.sum(1)
+        per_read = float(self.manifest["read_cost"]) + (self.head_cost if conf is not None else 0.0)
+        flops = n * per_read + (stop < 0) * self.head_cost
+        return {"logits": logits, "read": read, "num_reads": n, "stop_step": stop, "flops": flops}
 
 
 class GlanceRuntime(_Runtime):
@@ -474,6 +608,174 @@ class GlanceRuntime(_Runtime):
         }
 
 
+class MoERuntime(_Runtime):
+    """Runs an exported mixture-of-experts transformer on token ids (B, T) (right-padded with the pad
+    id) or features (B, T, F). The batch is trimmed to its longest sequence; each block's attention
+    runs on the (B, L) grid, its FFN on the valid tokens only. In an MoE block the router graph
+    gives each token's top-k experts and gates, and as the eager model in eval:
+      1. plan:     the k*N assignments, first choices before second ones, are stably sorted by
+                   expert; each expert keeps its first ceil(factor * k * N / E) (N: the batch's
+                   valid tokens; all of them when dropless), the rest are dropped
+      2. dispatch: each expert graph runs on its own tokens only
+      3. combine:  the outputs, scaled by the gates, are added back in token order
+    No run-time knob."""
+
+    kind = "moe"
+
+    def _load(self, m: dict[str, Any]) -> None:
+        self.moe_layers, self.costs = m["moe_layers"], m["costs"]
+        self.num_experts, self.k, self.capacity_factor = m["num_experts"], m["k"], m["capacity_factor"]
+        self.vocab_size, self.pad, self.input_size = m["vocab_size"], m["pad_token_id"], m["input_size"]
+
+    def capacity(self, n: int) -> int | None:
+        """Slots per expert for n tokens (None: dropless), as `MoEConfig.capacity` in eval."""
+        cf = self.capacity_factor
+        return None if cf is None else min(n, math.ceil(cf * self.k * n / self.num_experts))
+
+    def _inputs(self, x: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The checked input trimmed to its longest sequence, and the lengths (B,)."""
+        if self.vocab_size:
+            x = self._check_ids(x)
+            lengths = _token_lengths(x, self.pad)
+        else:
+            x = np.asarray(x, dtype=np.float32)
+            if x.ndim != 3 or x.shape[2] != self.input_size or (x.shape[0] and x.shape[1] == 0):
+                raise ValueError(f"input: expected features (B, T >= 1, {self.input_size}), got {x.shape}")
+            if not np.isfinite(x).all():
+                raise ValueError("input: expected finite values, got NaN or inf")
+            lengths = np.full(x.shape[0], x.shape[1], dtype=np.int64)
+        return np.ascontiguousarray(x[:, : lengths.max(initial=0)]), lengths
+
+    def _experts(self, i: int, z: np.ndarray, index: np.ndarray, gates: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Steps 1-3 for the tokens z (N, d) of MoE block i: (output (N, d), kept (N, k) bool)."""
+        N, k = index.shape
+        flat = index.T.reshape(-1)  # (k*N,) choice-major: priority to first choices
+        order = np.argsort(flat, kind="stable")  # assignment ids, expert-contiguous
+        counts = np.bincount(flat, minlength=self.num_experts)  # (E,)
+        cap = self.capacity(N)
+        if cap is not None and cap < N:  # each expert keeps its first `cap` assignments
+            rank = np.arange(order.size) - (np.cumsum(counts) - counts)[flat[order]]
+            order, counts = order[rank < cap], np.minimum(counts, cap)
+        token, gate = order % N, gates.T.reshape(-1)[order]
+        xs, ys = z[token], np.empty((order.size, z.shape[1]), dtype=np.float32)
+        ends = np.cumsum(counts)
+        for e in np.flatnonzero(counts):  # each expert on its own tokens only
+            sl = slice(ends[e] - counts[e], ends[e])
+            ys[sl] = self.graphs.run(f"expert_{i}_{e}", [np.ascontiguousarray(xs[sl])])[0]
+        out = np.zeros_like(z)
+        np.add.at(out, token, ys * gate[:, None])
+        kept = np.zeros(k * N, dtype=bool)
+        kept[order] = True
+        return out, kept.reshape(k, N).T
+
+    def run(self, x: np.ndarray, policy: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """logits (B, C), expert (B, T, k) (B, n_moe, T, k with several MoE blocks; -1 for padding
+        and dropped assignments), dropped (B,) assignments, flops (B,)."""
+        self._no_policy(policy)
+        T_in = np.shape(x)[1] if np.ndim(x) >= 2 else 0
+        x, lengths = self._inputs(x)
+        B, k, n_moe = x.shape[0], self.k, sum(self.moe_layers)
+        lead = (B, n_moe) if n_moe > 1 else (B,)
+        decisions = {"expert": np.full((*lead, T_in, k), -1), "dropped": np.zeros(B, np.int64)}
+        if B == 0:
+            return self._empty(**(decisions if n_moe else {}))
+        L = x.shape[1]
+        valid = np.arange(L)[None, :] < lengths[:, None]  # (B, L)
+        tokens = np.flatnonzero(valid)  # (N,) valid positions in the flat (B*L) grid
+        sample = tokens // L
+        ran, grids = np.zeros(B), []
+        h = self.graphs.run("embed", [x])[0]
+        for i, moe in enumerate(self.moe_layers):
+            h = np.array(self.graphs.run(f"attn_{i}", [h, valid])[0])  # (B, L, d)
+            flat = h.reshape(B * L, -1)
+            z = flat[tokens]
+            if moe:
+                zn, index, gates = self.graphs.run(f"router_{i}", [z])
+                f, kept = self._experts(i, zn, index, gates)
+                grid = np.full((B * L, k), -1, dtype=np.int64)
+                grid[tokens] = np.where(kept, index, -1)
+                grids.append(grid.reshape(B, L, k))
+                ran += np.bincount(sample, kept.sum(1), minlength=B)
+                decisions["dropped"] += np.bincount(sample, (~kept).sum(1), minlength=B).astype(np.int64)
+            else:
+                f = self.graphs.run(f"ffn_{i}", [z])[0]
+            flat[tokens] += f
+        logits = self.graphs.run("head", [h, valid])[0]
+        if n_moe:
+            grid = grids[0] if n_moe == 1 else np.stack(grids, 1)
+            decisions["expert"][..., :L, :] = grid
+        c = self.costs
+        n_layers = len(self.moe_layers)
+        flops = n_layers * _length_cost(c["attention"], lengths) + lengths.astype(np.float64) * c["per_token"]
+        flops = flops + ran * c["expert"] + c["head"]
+        return {"logits": logits, **(decisions if n_moe else {}), "flops": flops}
+
+
+class HaltingViTRuntime(_Runtime):
+    """Runs an exported A-ViT (per-token halting) packed, as the eager executor does: the active
+    tokens of all samples sit in one (T_active, D) array; per block
+      1. the qkv graph runs on the active tokens only
+      2. qkv is laid out per live sample (L = its largest active count, padding masked out as keys)
+         for the attention-core graph, and gathered back
+      3. the rest of the block (projection, MLP) and the halting scores on the active tokens
+      4. a token halts when its summed score reaches the threshold; a sample whose class token
+         halts is finished (its ACT-weighted class token goes to the head); halted tokens leave
+    `policy`: {"threshold": t in (0, 1]}."""
+
+    kind = "halting_vit"
+
+    def _load(self, m: dict[str, Any]) -> None:
+        self.depth, self.dim, self.tokens = m["depth"], m["dim"], m["tokens"]
+        self.block_costs = np.asarray(m["block_costs"], dtype=np.float64)  # (tokens + 1,) per count
+        self.policy = m["policy"]
+
+    def run(self, x: np.ndarray, policy: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """logits (B, C), depth (B, tokens) blocks each token ran (class token first), flops (B,)."""
+        thr = (policy or self.policy).get("threshold", 0.99)
+        if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0 < thr <= 1:
+            raise ValueError(f"threshold: expected a number in (0, 1], got {thr!r}")
+        x = self._check(x)
+        B, T, D = x.shape[0], self.tokens, self.dim
+        depth = np.zeros((B, T), dtype=np.int64)
+        if B == 0:
+            return self._empty(depth=depth)
+        xp = self.graphs.run("embed", [x])[0].reshape(B * T, D)
+        sample, tok = np.repeat(np.arange(B), T), np.tile(np.arange(T), B)  # of each packed token
+        cum, rem = np.zeros(B * T, np.float32), np.ones(B * T, np.float32)
+        out_cls = np.zeros((B, D), dtype=np.float32)
+        flops = np.full(B, float(self.manifest["base_cost"]))
+        live, lut = np.arange(B), np.zeros(B, dtype=np.int64)  # samples still running
+        for i in range(self.depth):
+            lut[live] = np.arange(live.size)
+            sid = lut[sample]  # live index of each packed token (they are sample-major)
+            counts = np.bincount(sid, minlength=live.size)
+            pos = np.arange(sid.size) - (np.cumsum(counts) - counts)[sid]
+            flops[live] += self.block_costs[counts]
+            depth[sample, tok] += 1
+            qkv = self.graphs.run(f"qkv_{i}", [xp])[0]  # 1. (T_active, 3D)
+            n, L = live.size, int(counts.max())
+            if (counts == L).all():  # 2. per sample, no padding needed
+                grid, valid = qkv.reshape(n, L, 3 * D), np.ones((n, L), dtype=bool)
+            else:
+                grid = np.zeros((n, L, 3 * D), dtype=np.float32)
+                grid[sid, pos] = qkv
+                valid = np.arange(L)[None, :] < counts[:, None]
+            o = self.graphs.run(f"attn_{i}", [grid, valid])[0][sid, pos]
+            xp, h = self.graphs.run(f"rest_{i}", [xp, o])  # 3.
+            halt = cum + h >= np.float32(thr)  # 4.
+            cls = np.flatnonzero(tok == 0)
+            out_cls[sample[cls]] += np.where(halt, rem, h)[cls, None] * xp[cls]
+            done = np.zeros(B, dtype=bool)
+            done[sample[cls[halt[cls]]]] = True
+            keep = ~(halt | done[sample])
+            if not keep.any():
+                break
+            xp, sample, tok = np.ascontiguousarray(xp[keep]), sample[keep], tok[keep]
+            cum, rem = (cum + h)[keep], (rem - h)[keep]
+            live = live[~done[live]]
+        return {"logits": self.graphs.run("head", [out_cls])[0], "depth": depth, "flops": flops}
+
+
 class SingleRuntime(_Runtime):
     """Runs an exported model whose input-dependence lives inside one static-shape graph
     (dynamic convolution's per-sample kernel mixture, a hypernetwork's per-sample weights,
@@ -484,10 +786,7 @@ class SingleRuntime(_Runtime):
     def run(self, x: np.ndarray, policy: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         """logits (B, C), flops (B,) and the graph's decisions (e.g. kept_idx_s) for a batch x;
         the setting is the one exported (no run-time knob)."""
-        if policy:
-            raise ValueError(
-                f"this export ({self.manifest['architecture']}) has no run-time policy; got {policy!r}"
-            )
+        self._no_policy(policy)
         x = self._check(x)
         names = self.manifest.get("outputs", ["logits"])
         flops = float(self.manifest.get("flops", self.manifest["full_cost"]))
@@ -532,21 +831,6 @@ class TextRuntime(_Runtime):
             cost = cost + np.minimum(n, K - 1) * c["predictor"]
         return cost
 
-    def _check_ids(self, ids: Any) -> np.ndarray:
-        ids = np.asarray(ids)
-        if ids.dtype.kind not in "iu" or ids.ndim != 2:
-            raise ValueError(
-                f"input: expected token ids (B, L) of an integer dtype, got {ids.dtype} {ids.shape}"
-            )
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(
-                f"input: expected token ids in [0, {self.vocab_size}), "
-                f"got values in [{ids.min()}, {ids.max()}]"
-            )
-        if ids.shape[0] and ids.shape[1] == 0:
-            raise ValueError("input: expected at least one token per sentence (L >= 1), got L = 0")
-        return ids.astype(np.int64)
-
     def run(self, ids: np.ndarray, policy: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         """logits (B, C), exit_index (B,), exit_layer (B,), flops (B,) for token ids (B, L)."""
         pol = self.policy if policy is None else NumpyPolicy(policy)
@@ -560,8 +844,7 @@ class TextRuntime(_Runtime):
         if B == 0:
             empty = np.zeros(0, dtype=np.float64)
             return {"logits": out, "exit_index": exit_index, "exit_layer": exit_index, "flops": empty}
-        pos = np.arange(1, ids.shape[1] + 1)
-        lengths = np.maximum(((ids != self.pad) * pos).max(1), 1)  # last non-pad position + 1
+        lengths = _token_lengths(ids, self.pad)
         if lengths.max() > self.max_positions:
             raise ValueError(
                 f"input: expected at most {self.max_positions} tokens (the encoder's positions), "
@@ -606,6 +889,10 @@ RUNTIMES = {
         TextRuntime,
         SkipRNNRuntime,
         GlanceRuntime,
+        ACTRuntime,
+        FrameSkipRuntime,
+        MoERuntime,
+        HaltingViTRuntime,
     )
 }
 
@@ -626,7 +913,7 @@ def main() -> None:  # `python dynets_runtime.py DIR` runs a random batch: a smo
 
     rt = load_runtime(sys.argv[1])
     rng = np.random.default_rng(0)
-    if isinstance(rt, TextRuntime):
+    if getattr(rt, "vocab_size", 0):  # token ids
         x = rng.integers(1, rt.vocab_size, (4, 12))
     else:
         x = rng.random((4, *rt.input_shape), dtype=np.float32)

@@ -257,11 +257,12 @@ def markdown(r: dict[str, Any]) -> str:
     ]
     b = s.get("fixed_breaks_slo_at")
     if b is not None and s.get("adaptive_within_slo_at_2x_row_break") is not None:
+        lower = [float(m) for m, ok in s["fixed_within_slo"].items() if ok and float(m) < b]
+        where = f"between {max(lower):.2g}x and {b:.2g}x" if lower else f"at or below {b:.2g}x"
         lines.append(
-            f"Read from the {r['duration_s']:.0f}-s rows instead: the fixed server is over the SLO "
-            f"already at {b:.2g}x "
-            f"({b * r['r0']:.1f}/s); the adaptive server at twice that load ({2 * b * r['r0']:.1f}/s) is "
-            f"within the SLO: {s['adaptive_within_slo_at_2x_row_break']}."
+            f"Coarser reading from the {r['duration_s']:.0f}-s rows alone: the fixed server breaks the "
+            f"SLO {where} R0; the adaptive server at twice the upper end ({2 * b * r['r0']:.1f}/s, "
+            f"{2 * b:.2g}x) is within the SLO: {s['adaptive_within_slo_at_2x_row_break']}."
         )
     return "\n".join(lines) + "\n"
 

@@ -226,10 +226,7 @@ FAMILIES = (
 
 def _family_entries(data: str, x: torch.Tensor, rounds: int, threads: int) -> dict[str, Any]:
     """The other exportable families (FAMILIES), each exported from its trained model of the
-    issue-4/5 benchmarks when that is cached (else recorded as missing): decisions, logits and
-    FLOPs against the eager model with its saved policy, and speed."""
-    from dynets.export import export_model, load_runtime
-
+    issue-4/5 benchmarks when that is cached (else recorded as missing)."""
     out: dict[str, Any] = {}
     for name, pattern, key, formats in FAMILIES:
         runs = _cached(pattern.format(data=data))
@@ -237,31 +234,50 @@ def _family_entries(data: str, x: torch.Tensor, rounds: int, threads: int) -> di
             out[name] = {"missing": f"no trained model cached under {pattern.format(data=data)}"}
             continue
         model = load(runs[0]).eval()
-        with torch.inference_mode():
-            ref = model(x)
-        entry: dict[str, Any] = {"model_dir": str(runs[0])}
-        if key is not None:
-            entry["decision_mean"] = float(ref.decisions[key].double().mean())
-        entry["mean_flops_ratio"] = float(ref.flops.double().mean()) / float(model.full_cost())
-        with tempfile.TemporaryDirectory() as tmp:
-            for fmt in formats:
-                rt = load_runtime(export_model(model, Path(tmp) / fmt, format=fmt), threads=threads)
-                got = rt.run(x.numpy())
-                f: dict[str, Any] = {
-                    "max_abs_logit_diff": float(np.abs(got["logits"] - ref.logits.numpy()).max()),
-                    "prediction_agreement": float(
-                        (got["logits"].argmax(-1) == ref.logits.argmax(-1).numpy()).mean()
-                    ),
-                    "flops_equal": bool(np.array_equal(got["flops"], ref.flops.numpy())),
-                    "speed": _speeds(model, rt, x, rounds),
-                }
-                if key is not None:
-                    f["decision_agreement"] = float(
-                        (got[key] == ref.decisions[key].numpy()).reshape(x.shape[0], -1).all(1).mean()
-                    )
-                entry[fmt] = f
-        out[name] = entry
+        out[name] = {"model_dir": str(runs[0]), **family_entry(model, x, key, formats, rounds, threads)}
     return out
+
+
+def family_entry(
+    model: Any,
+    x: torch.Tensor,
+    key: str | None,
+    formats: tuple[str, ...],
+    rounds: int,
+    threads: int,
+    make_batches: Callable | None = None,
+) -> dict[str, Any]:
+    """One model exported in each format against its eager self (with its saved policy): agreement
+    of the decision `key` (per sample, all of its entries), of predictions, logit difference,
+    FLOPs equality, and eager vs runtime speed at batch 1 and 64."""
+    from dynets.export import export_model, load_runtime
+
+    with torch.inference_mode():
+        ref = model(x)
+    entry: dict[str, Any] = {}
+    if key is not None:
+        entry["decision_mean"] = float(ref.decisions[key].double().mean())
+    entry["mean_mflops"] = float(ref.flops.double().mean()) / 1e6
+    if callable(getattr(model, "full_cost", None)) and key != "expert":  # (MoE: a cost per length)
+        entry["mean_flops_ratio"] = 1e6 * entry["mean_mflops"] / float(model.full_cost())
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in formats:
+            rt = load_runtime(export_model(model, Path(tmp) / fmt, format=fmt), threads=threads)
+            got = rt.run(x.numpy())
+            f: dict[str, Any] = {
+                "max_abs_logit_diff": float(np.abs(got["logits"] - ref.logits.numpy()).max()),
+                "prediction_agreement": float(
+                    (got["logits"].argmax(-1) == ref.logits.argmax(-1).numpy()).mean()
+                ),
+                "flops_equal": bool(np.array_equal(got["flops"], ref.flops.numpy())),
+                "speed": _speeds(model, rt, x, rounds, make_batches),
+            }
+            if key is not None:
+                f["decision_agreement"] = float(
+                    (got[key] == ref.decisions[key].numpy()).reshape(x.shape[0], -1).all(1).mean()
+                )
+            entry[fmt] = f
+    return entry
 
 
 def _whole_graph_entry(model: Any, path: Path, x: torch.Tensor, ref: Any, rounds: int) -> dict[str, Any]:
@@ -462,27 +478,35 @@ def markdown_export(r: dict[str, Any]) -> str:
             "",
             "## Other families (their trained issue-4 models, the saved policy)",
             "",
-            "| model | format | decisions equal | predictions equal | max abs logit diff | FLOPs equal "
-            "| speed-up b1 | speed-up b64 (BERT: b32) |",
-            "|---|---|---:|---:|---:|---|---:|---:|",
+            *families_table(fam),
         ]
-        for name, e in fam.items():
-            if "missing" in e:
-                lines.append(f"| {name} | - | {e['missing']} | | | | | |")
-                continue
-            for fmt in ("onnx", "torch"):
-                if fmt not in e:
-                    continue
-                f = e[fmt]
-                agree = f.get("decision_agreement", f.get("exit_agreement"))
-                dec = "n/a" if agree is None else f"{100 * agree:.2f}%"
-                big = next(v for k, v in f["speed"].items() if k != "batch_1")
-                lines.append(
-                    f"| {name} | {fmt} | {dec} | {100 * f['prediction_agreement']:.2f}% | "
-                    f"{f['max_abs_logit_diff']:.2e} | {f['flops_equal']} | "
-                    f"{f['speed']['batch_1']['speedup']:.2f} | {big['speedup']:.2f} |"
-                )
     return "\n".join(lines) + "\n"
+
+
+def families_table(fam: dict[str, Any]) -> list[str]:
+    """Markdown rows of `family_entry` results: per model and format, agreement, FLOPs, speed."""
+    lines = [
+        "| model | format | decisions equal | predictions equal | max abs logit diff | FLOPs equal "
+        "| speed-up b1 | speed-up b64 (BERT: b32) |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for name, e in fam.items():
+        if "missing" in e:
+            lines.append(f"| {name} | - | {e['missing']} | | | | | |")
+            continue
+        for fmt in ("onnx", "torch"):
+            if fmt not in e:
+                continue
+            f = e[fmt]
+            agree = f.get("decision_agreement", f.get("exit_agreement"))
+            dec = "n/a" if agree is None else f"{100 * agree:.2f}%"
+            big = next(v for k, v in f["speed"].items() if k != "batch_1")
+            lines.append(
+                f"| {name} | {fmt} | {dec} | {100 * f['prediction_agreement']:.2f}% | "
+                f"{f['max_abs_logit_diff']:.2e} | {f['flops_equal']} | "
+                f"{f['speed']['batch_1']['speedup']:.2f} | {big['speedup']:.2f} |"
+            )
+    return lines
 
 
 def write(result: dict[str, Any], json_path: str, markdown: str) -> None:

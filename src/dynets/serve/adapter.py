@@ -11,8 +11,9 @@ group parsed samples into batches, and to run a batch; the model's eval forward 
           and samples of different shapes go to different forwards
 
 A model "has an operating point" when it holds an `ExitPolicy` in `model.policy` and takes
-`policy=` in its forward (early-exit networks, DynamicBert); for other families budgets are
-reported as unavailable.
+`policy=` in its forward (early-exit networks, DynamicBert), or when its family has a scalar
+run-time knob (block skipping, routing, Skip-RNNs: `serve.knobs`), applied before the forward; for
+other families budgets are reported as unavailable.
 """
 
 from __future__ import annotations
@@ -58,8 +59,12 @@ class ServedModel:
             self.kind = "image"
         else:
             self.kind = "tensor"
-        self.supports_policy = isinstance(getattr(model, "policy", None), ExitPolicy)
-        self.num_exits: int | None = getattr(model, "num_exits", None) if self.supports_policy else None
+        from dynets.serve.knobs import knob_for
+
+        has_policy = isinstance(getattr(model, "policy", None), ExitPolicy)
+        self.knob = None if has_policy else knob_for(model)
+        self.supports_policy = has_policy or self.knob is not None
+        self.num_exits: int | None = getattr(model, "num_exits", None) if has_policy else None
         self.labels = self._labels()
 
     def _labels(self) -> list[str]:
@@ -240,13 +245,17 @@ class ServedModel:
             by_shape.setdefault(tuple(s.shape), []).append(j)
         return [(pos, torch.stack([samples[j] for j in pos])) for pos in by_shape.values()]
 
-    def forward(self, x: torch.Tensor, policy: ExitPolicy | None = None) -> DynamicOutput:
+    def forward(self, x: torch.Tensor, policy: Any = None) -> DynamicOutput:
+        """The model's eval forward at `policy`: an ExitPolicy (passed to the forward) or a knob
+        setting (`serve.knobs.KnobSetting`, applied to the model first)."""
         with torch.inference_mode():
-            out = (
-                self.model(x, policy=policy)
-                if (policy is not None and self.supports_policy)
-                else self.model(x)
-            )
+            if policy is not None and self.knob is not None:
+                policy.apply(self.model)
+                out = self.model(x)
+            elif policy is not None and self.supports_policy:
+                out = self.model(x, policy=policy)
+            else:
+                out = self.model(x)
         if not isinstance(out, DynamicOutput):
             raise TypeError(
                 f"{self.architecture}'s eval forward returned {type(out).__name__}; expected DynamicOutput"

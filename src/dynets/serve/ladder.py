@@ -88,10 +88,13 @@ class OperatingPoint:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OperatingPoint:
+        from dynets.serve.knobs import KnobSetting
+
         ratio = d.get("cost_ratio")
+        pd = d["policy"]
         return cls(
             float(d["budget"]),
-            policy_from_dict(d["policy"]),
+            KnobSetting.from_dict(pd) if pd.get("kind") == KnobSetting.kind else policy_from_dict(pd),
             math.nan if ratio is None else float(ratio),
             d.get("accuracy"),
         )
@@ -156,8 +159,15 @@ class Ladder:
 
 
 def single_point_ladder(model: nn.Module) -> Ladder:
-    """The model's own policy as the only point (or a point with no policy for policy-less models)."""
+    """The model's own policy (or knob setting) as the only point (or a point with no policy for
+    policy-less models)."""
+    from dynets.serve.knobs import KnobSetting, knob_for
+
     policy = getattr(model, "policy", None)
+    knob = None if isinstance(policy, ExitPolicy) else knob_for(model)
+    if knob is not None:
+        point = OperatingPoint(1.0, KnobSetting(knob.family, knob.get(model)), math.nan, None)
+        return Ladder([point], "policy")
     if not isinstance(policy, ExitPolicy):
         from dynets.policies.exit_policies import NeverExitPolicy
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from dynets.serve.adapter import ServedModel, load_served_model
+from dynets.serve.knobs import build_knob_ladder
 from dynets.serve.ladder import LADDER_FILE, Ladder, build_ladder, single_point_ladder
 from dynets.serve.optional import require
 from dynets.serve.server import InferenceServer, ServeConfig
@@ -84,6 +85,8 @@ def resolve_ladder(
     if calibration_data:
         with torch.inference_mode():
             x, y = load_calibration_data(served, calibration_data, limit=calibration_limit)
+            if served.knob is not None:
+                return build_knob_ladder(served.model, x, y)
             return build_ladder(served.model, x, y)
     if ladder_path:
         return Ladder.load(ladder_path)

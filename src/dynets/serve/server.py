@@ -305,7 +305,16 @@ class InferenceServer:
         return results
 
     def _run_group(self, x: torch.Tensor, group: list[Item]) -> list[dict[str, Any]]:
-        out = self.served.forward(x, self.policy_for([it.level for it in group]))
+        levels = [it.level for it in group]
+        if self.served.knob is not None and len(set(levels)) > 1:
+            # a knob is one value per forward: one forward per level, results back in group order
+            res: list[Any] = [None] * len(group)
+            for level in sorted(set(levels)):
+                pos = [j for j, v in enumerate(levels) if v == level]
+                for j, r in zip(pos, self._run_group(x[pos], [group[j] for j in pos])):
+                    res[j] = r
+            return res
+        out = self.served.forward(x, self.policy_for(levels))
         full = self.served.full_cost(x)
         logits = out.logits.float()
         conf, pred = logits.softmax(-1).max(-1)

@@ -1,0 +1,188 @@
+"""Operating points for families whose run-time knob is one model setting rather than an exit policy.
+
+Early-exit models move along their accuracy-vs-cost curve by swapping the exit policy (ladder.py).
+Block skipping, routing and Skip-RNNs have a scalar knob of their own, with a calibrator that fits
+it to a budget on held-out data:
+
+    family    models               knob                        calibrator
+    skip      SkipNetwork          gate threshold              depth.skipping.calibrate_skip_threshold
+    route     RoutedResNet         routing cost penalty        routing.router.calibrate_route_bias
+    skip_rnn  SkipRNN (skip=True)  update threshold            temporal.skip_rnn.calibrate_update_threshold
+
+A `KnobSetting` stands where a ladder point holds a policy: the server applies it to the model
+before a forward (`ServedModel.forward`), and a batch whose requests sit at different levels runs
+one forward per level (a knob is one value per forward, unlike per-sample exit thresholds).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Knob:
+    family: str
+    matches: Callable[[nn.Module], bool]
+    get: Callable[[nn.Module], float]
+    apply: Callable[[nn.Module, float], None]
+    calibrate: Callable[[nn.Module, torch.Tensor, float], float]  # sets the knob, returns its value
+    cheapest: Callable[[nn.Module], float]  # the lowest cost fraction the knob can reach (about)
+
+
+def _is(module: str, name: str) -> Callable[[nn.Module], bool]:
+    def check(model: nn.Module) -> bool:
+        import importlib
+
+        return isinstance(model, getattr(importlib.import_module(module), name))
+
+    return check
+
+
+def _skip_apply(model: nn.Module, value: float) -> None:
+    from dynets.depth.skipping import SkipPolicy
+
+    model.skip_policy = SkipPolicy(value)
+
+
+def _skip_calibrate(model: nn.Module, x: torch.Tensor, budget: float) -> float:
+    from dynets.depth.skipping import calibrate_skip_threshold
+
+    return calibrate_skip_threshold(model, x, budget).policy.threshold_at(0)
+
+
+def _route_calibrate(model: nn.Module, x: torch.Tensor, budget: float) -> float:
+    from dynets.routing.router import calibrate_route_bias
+
+    return float(calibrate_route_bias(model, x, budget)["penalty"])
+
+
+def _rnn_calibrate(model: nn.Module, x: torch.Tensor, budget: float) -> float:
+    from dynets.temporal.skip_rnn import calibrate_update_threshold
+
+    return calibrate_update_threshold(model, x, budget)
+
+
+def _rnn_apply(model: nn.Module, value: float) -> None:
+    model.threshold = value
+
+
+KNOBS = (
+    Knob(
+        "skip",
+        _is("dynets.depth.skipping", "SkipNetwork"),
+        lambda m: m.skip_policy.threshold_at(0),
+        _skip_apply,
+        _skip_calibrate,
+        lambda m: m.min_cost() / m.full_cost(),
+    ),
+    Knob(
+        "route",
+        _is("dynets.models.routing", "RoutedResNet"),
+        lambda m: float(m.router.cost_penalty),
+        lambda m, v: m.set_cost_penalty(v),
+        _route_calibrate,
+        lambda m: float(m.branch_costs().min()) / m.full_cost(),
+    ),
+    Knob(
+        "skip_rnn",
+        lambda m: _is("dynets.temporal.skip_rnn", "SkipRNN")(m) and m.config.skip,
+        lambda m: m.threshold,
+        _rnn_apply,
+        _rnn_calibrate,
+        lambda m: 0.05,
+    ),
+)
+BY_FAMILY = {k.family: k for k in KNOBS}
+
+
+def knob_for(model: nn.Module) -> Knob | None:
+    """The knob of `model`'s family, or None (no scalar knob: exit policy or nothing)."""
+    return next((k for k in KNOBS if k.matches(model)), None)
+
+
+class KnobSetting:
+    """One operating point of a knob family: the knob's value. Serialised as a ladder 'policy'."""
+
+    kind = "knob"
+
+    def __init__(self, family: str, value: float) -> None:
+        if family not in BY_FAMILY:
+            raise ValueError(f"knob family: expected one of {sorted(BY_FAMILY)}, got {family!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"knob value: expected a finite number, got {value!r}")
+        self.family, self.value = family, float(value)
+
+    def apply(self, model: nn.Module) -> None:
+        BY_FAMILY[self.family].apply(model, self.value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "family": self.family, "value": self.value}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> KnobSetting:
+        return cls(d["family"], d["value"])
+
+    def __repr__(self) -> str:
+        return f"KnobSetting({self.family!r}, {self.value:.6g})"
+
+
+@torch.no_grad()
+def _measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int = 256) -> tuple[float, float]:
+    """(mean FLOPs, accuracy) of the model as it is set, on (x, y)."""
+    outs = [model(x[i : i + bs]) for i in range(0, x.shape[0], bs)]
+    flops = torch.cat([o.flops.double().cpu() for o in outs])
+    pred = torch.cat([o.logits.argmax(-1).cpu() for o in outs])
+    return float(flops.mean()), float((pred == y.cpu()).double().mean())
+
+
+def build_knob_ladder(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    budgets: Sequence[float] | None = None,
+    levels: int = 8,
+) -> Any:
+    """Calibrate the model's knob to each budget on held-out (x, y), as `ladder.build_ladder` does
+    for exit policies; points that do not get cheaper than the one before are dropped. The knob is
+    left at the most accurate point."""
+    from dynets.serve.ladder import Ladder, OperatingPoint
+
+    knob = knob_for(model)
+    if knob is None:
+        raise ValueError(
+            f"{type(model).__name__}: expected a model with a run-time knob ({sorted(BY_FAMILY)})"
+        )
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(
+            f"calibration data: expected equal, non-zero numbers of inputs and labels, "
+            f"got {x.shape[0]} and {y.shape[0]}"
+        )
+    model.eval()
+    full = float(model.full_cost())
+    lo = min(max(knob.cheapest(model), 0.0), 1.0)
+    if budgets is None:
+        budgets = [1.0 - (1.0 - lo * 1.02) * i / max(levels - 1, 1) for i in range(levels)]
+    points: list[OperatingPoint] = []
+    for b in sorted((float(v) for v in budgets), reverse=True):
+        if not 0 < b <= 1:
+            raise ValueError(f"budgets: expected fractions in (0, 1], got {b}")
+        try:
+            value = knob.calibrate(model, x, max(b, lo))
+        except ValueError:  # below what the knob can reach on this data
+            continue
+        flops, acc = _measure(model, x, y)
+        ratio = flops / full
+        if points and ratio >= points[-1].cost_ratio - 1e-9:
+            continue
+        points.append(OperatingPoint(round(b, 6), KnobSetting(knob.family, value), ratio, acc))
+    if not points:
+        raise ValueError(f"no budget in {list(budgets)} could be calibrated for {type(model).__name__}")
+    points[0].policy.apply(model)
+    return Ladder(points, "calibrated")

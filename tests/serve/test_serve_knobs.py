@@ -27,13 +27,20 @@ def _model(name: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
         with torch.no_grad():  # a gate whose preference differs from input to input
             m.router.gate.net[-1].weight.mul_(50)
         x = torch.rand(96, 3, 16, 16, generator=g)
+    elif name.endswith("_tiny"):  # DynamicViT, A-ViT, ToMe
+        vit = dict(image_size=16, patch_size=4, dim=32, depth=4, heads=2, num_classes=4)
+        extra = {"dynamicvit_tiny": dict(prune_after=(0, 2)), "avit_tiny": {}, "tome_vit_tiny": {}}[name]
+        m = dynets.create_model(name, **vit, **extra)
+        x = torch.rand(96, 3, 16, 16, generator=g)
     else:
         m = dynets.create_model(name, input_size=2, hidden=8, num_classes=4, seq_len=12)
         x = torch.randn(96, 12, 2, generator=g)
     return m.eval(), x, torch.randint(0, 4, (96,), generator=g)
 
 
-@pytest.mark.parametrize("name", ["skip_resnet", "routed_resnet", "skip_lstm"])
+@pytest.mark.parametrize(
+    "name", ["skip_resnet", "routed_resnet", "skip_lstm", "dynamicvit_tiny", "avit_tiny", "tome_vit_tiny"]
+)
 def test_knob_ladder_and_mixed_level_batches(name, tmp_path):
     model, x, y = _model(name)
     knob = knob_for(model)

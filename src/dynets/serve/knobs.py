@@ -8,6 +8,9 @@ it to a budget on held-out data:
     skip      SkipNetwork          gate threshold              depth.skipping.calibrate_skip_threshold
     route     RoutedResNet         routing cost penalty        routing.router.calibrate_route_bias
     skip_rnn  SkipRNN (skip=True)  update threshold            temporal.skip_rnn.calibrate_update_threshold
+    dvit      DynamicViT           keep ratio                  bisection on the measured mean FLOPs
+    avit      HaltingViT (A-ViT)   halting threshold           bisection on the measured mean FLOPs
+    tome      ToMeViT              tokens merged per block     bisection (integers) on the mean FLOPs
 
 A `KnobSetting` stands where a ladder point holds a policy: the server applies it to the model
 before a forward (`ServedModel.forward`), and a batch whose requests sit at different levels runs
@@ -32,7 +35,7 @@ class Knob:
     get: Callable[[nn.Module], float]
     apply: Callable[[nn.Module, float], None]
     calibrate: Callable[[nn.Module, torch.Tensor, float], float]  # sets the knob, returns its value
-    cheapest: Callable[[nn.Module], float]  # the lowest cost fraction the knob can reach (about)
+    cheapest: Callable[[nn.Module, torch.Tensor], float]  # lowest cost fraction reachable (about)
 
 
 def _is(module: str, name: str) -> Callable[[nn.Module], bool]:
@@ -42,6 +45,48 @@ def _is(module: str, name: str) -> Callable[[nn.Module], bool]:
         return isinstance(model, getattr(importlib.import_module(module), name))
 
     return check
+
+
+@torch.no_grad()
+def _mean_flops(model: nn.Module, x: torch.Tensor, bs: int = 256) -> float:
+    return float(
+        torch.cat([model(x[i : i + bs]).flops.double().cpu() for i in range(0, x.shape[0], bs)]).mean()
+    )
+
+
+def _bisect(attr: str, cheap: float, dear: float, *, integer: bool = False, iters: int = 12) -> Knob:
+    """A knob set as `model.<attr>` whose cost moves monotonically from `cheap` to `dear`: the
+    calibrator bisects for the dearest value whose mean FLOPs on the data stay within the budget."""
+
+    def apply(model: nn.Module, v: float) -> None:
+        setattr(model, attr, int(round(v)) if integer else float(v))
+
+    def calibrate(model: nn.Module, x: torch.Tensor, budget: float) -> float:
+        target = budget * float(model.full_cost())
+
+        def fits(v: float) -> bool:
+            apply(model, v)
+            return _mean_flops(model, x) <= target * (1 + 1e-9)
+
+        lo, hi = cheap, dear  # invariant: lo fits (or nothing does), hi does not
+        if fits(hi):
+            return hi
+        for _ in range(iters):
+            mid = round((lo + hi) / 2) if integer else (lo + hi) / 2
+            if mid in (lo, hi):
+                break
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        apply(model, lo)
+        return float(lo)
+
+    def cheapest(model: nn.Module, x: torch.Tensor) -> float:
+        old = getattr(model, attr)
+        apply(model, cheap)
+        ratio = _mean_flops(model, x[:256]) / float(model.full_cost())
+        setattr(model, attr, old)
+        return ratio
+
+    return Knob(attr, lambda m: True, lambda m: float(getattr(m, attr)), apply, calibrate, cheapest)
 
 
 def _skip_apply(model: nn.Module, value: float) -> None:
@@ -79,7 +124,7 @@ KNOBS = (
         lambda m: m.skip_policy.threshold_at(0),
         _skip_apply,
         _skip_calibrate,
-        lambda m: m.min_cost() / m.full_cost(),
+        lambda m, x: m.min_cost() / m.full_cost(),
     ),
     Knob(
         "route",
@@ -87,7 +132,7 @@ KNOBS = (
         lambda m: float(m.router.cost_penalty),
         lambda m, v: m.set_cost_penalty(v),
         _route_calibrate,
-        lambda m: float(m.branch_costs().min()) / m.full_cost(),
+        lambda m, x: float(m.branch_costs().min()) / m.full_cost(),
     ),
     Knob(
         "skip_rnn",
@@ -95,8 +140,20 @@ KNOBS = (
         lambda m: m.threshold,
         _rnn_apply,
         _rnn_calibrate,
-        lambda m: 0.05,
+        lambda m, x: 0.05,
     ),
+)
+
+
+def _vit_knob(family: str, module: str, name: str, attr: str, cheap: float, dear: float, **kw: Any) -> Knob:
+    k = _bisect(attr, cheap, dear, **kw)
+    return Knob(family, _is(module, name), k.get, k.apply, k.calibrate, k.cheapest)
+
+
+KNOBS = KNOBS + (
+    _vit_knob("dvit", "dynets.spatial.token_pruning", "DynamicViT", "keep_ratio", 0.05, 1.0),
+    _vit_knob("avit", "dynets.spatial.halting", "HaltingViT", "threshold", 0.01, 1.0),
+    _vit_knob("tome", "dynets.spatial.merging", "ToMeViT", "merge_r", 32, 0, integer=True),
 )
 BY_FAMILY = {k.family: k for k in KNOBS}
 
@@ -166,7 +223,7 @@ def build_knob_ladder(
         )
     model.eval()
     full = float(model.full_cost())
-    lo = min(max(knob.cheapest(model), 0.0), 1.0)
+    lo = min(max(knob.cheapest(model, x), 0.0), 1.0)
     if budgets is None:
         budgets = [1.0 - (1.0 - lo * 1.02) * i / max(levels - 1, 1) for i in range(levels)]
     points: list[OperatingPoint] = []

@@ -87,3 +87,17 @@ def test_knob_single_point_and_bad_input():
         build_knob_ladder(model, x, y[:3])
     with pytest.raises(ValueError, match="run-time knob"):
         build_knob_ladder(dynets.create_model("static_gru", input_size=2), x, y)
+
+
+def test_served_knob_model_from_a_directory_with_calibration_data(tmp_path):
+    """`dynets serve DIR --calibration-data digits` path: a saved skip_resnet on the embedded digits."""
+    from dynets.core.serialization import save
+    from dynets.serve.launch import build_server
+
+    torch.manual_seed(0)
+    m = dynets.create_model("skip_resnet", in_channels=1, image_size=8, widths=(8, 8, 16), blocks=(2, 2, 2))
+    save(m.eval(), tmp_path / "skip")
+    server = build_server(str(tmp_path / "skip"), ServeConfig(warmup=False), calibration_data="digits")
+    assert server.ladder.source == "calibrated" and server.ladder.movable
+    assert all(p.policy.family == "skip" for p in server.ladder.points)
+    assert server.budget_level(0.5) == server.ladder.level_for_budget(0.5) > 0

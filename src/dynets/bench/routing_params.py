@@ -472,6 +472,14 @@ def run(
     return result
 
 
+def _carried(r: dict, part: str) -> str:
+    """A label suffix for a row carried over from the previous run (with that run's static)."""
+    co = r.get("carried_over")
+    if not co or part not in co["parts"]:
+        return ""
+    return f" (previous run; its static_resnet: {100 * co['previous_static_acc']:.2f}%)"
+
+
 def _markdown(r: dict) -> str:
     t, m, op = r["timing"], r["micro"], r["routed_operating_point"]
     lines = [
@@ -484,7 +492,8 @@ def _markdown(r: dict) -> str:
         "| model | test accuracy | mean MFLOPs | FLOPs vs static |",
         "|---|---:|---:|---:|",
         f"| static_resnet | {100 * r['static_acc']:.2f}% | {r['static_mflops']:.2f} | 1.000 |",
-        f"| dyconv_resnet | {100 * r['dyconv_acc']:.2f}% | {r['dyconv']['mean_flops'] / 1e6:.2f} "
+        f"| dyconv_resnet{_carried(r, 'dyconv')} | {100 * r['dyconv_acc']:.2f}% "
+        f"| {r['dyconv']['mean_flops'] / 1e6:.2f} "
         f"| {r['dyconv_flops_ratio']:.3f} |",
         f"| routed_resnet at budget {op['value']:.2f} | {100 * r['routed_acc']:.2f}% "
         f"| {op['mean_flops'] / 1e6:.2f} | {r['routed_flops_ratio']:.3f} |",
@@ -502,6 +511,8 @@ def _markdown(r: dict) -> str:
         "routed_vs_full": "routed_resnet vs full static_resnet",
     }
     for key, label in names.items():
+        part = next(p for p, keys in PART_TIMING.items() if key in keys)
+        label += " (previous run)" if _carried(r, part) else ""
         for bs in ("b1", "b64"):
             w = t[key][bs]
             lines.append(

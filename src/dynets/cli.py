@@ -286,6 +286,8 @@ def cmd_bench_bert(args: argparse.Namespace) -> int:
         extra["train_limit"] = args.train_limit
     if args.limit:
         extra["dev_limit"] = args.limit
+    if args.bert_recipes:
+        extra["recipes"] = tuple(r.strip() for r in args.bert_recipes.split(",") if r.strip())
     cfg = BertBenchConfig(
         quick=args.quick, threads=args.threads, data=args.data, encoder=args.encoder, **extra
     )
@@ -489,6 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override (JSON value)")
     s.add_argument("--train-limit", type=int, default=None, help="bert: training sentences (default 12000)")
     s.add_argument("--encoder", default=None, help="bert: encoder directory (default: shared MiniLM-L6)")
+    s.add_argument(
+        "--bert-recipes",
+        default=None,
+        help="bert: comma-separated exit recipes (default two_stage,distill,joint)",
+    )
     s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("demo", help="train and compare on the embedded digits dataset (about a minute)")

@@ -215,6 +215,13 @@ def test_bench_bert_quick_on_a_tiny_encoder(tiny_encoder, tmp_path, monkeypatch,
     # trained models are cached by what decides them, so timing can be re-run without training
     cached = sorted(p.name.split("-")[2] for p in (tmp_path / "cache" / "bench").iterdir())
     assert {"static", "two_stage", "distill", "joint"} <= set(cached)
+    capsys.readouterr()
+    # --bert-recipes names recipes; a wrong one is refused before training
+    assert main([*argv, "--bert-recipes", "two_stage,bogus"]) != 0
+    assert (
+        "expected some of ['two_stage', 'distill', 'joint'], got ('two_stage', 'bogus')"
+        in capsys.readouterr().err
+    )
 
 
 def test_split_validation_keeps_phrases_of_validation_out_of_training():

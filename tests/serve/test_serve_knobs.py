@@ -27,6 +27,9 @@ def _model(name: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
         with torch.no_grad():  # a gate whose preference differs from input to input
             m.router.gate.net[-1].weight.mul_(50)
         x = torch.rand(96, 3, 16, 16, generator=g)
+    elif name == "slimmable_resnet":
+        m = dynets.create_model(name, widths=(8, 8, 16), blocks=(1, 1, 1), image_size=16, num_classes=4)
+        x = torch.rand(96, 3, 16, 16, generator=g)
     elif name.endswith("_tiny"):  # DynamicViT, A-ViT, ToMe
         vit = dict(image_size=16, patch_size=4, dim=32, depth=4, heads=2, num_classes=4)
         extra = {"dynamicvit_tiny": dict(prune_after=(0, 2)), "avit_tiny": {}, "tome_vit_tiny": {}}[name]
@@ -39,7 +42,16 @@ def _model(name: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "name", ["skip_resnet", "routed_resnet", "skip_lstm", "dynamicvit_tiny", "avit_tiny", "tome_vit_tiny"]
+    "name",
+    [
+        "skip_resnet",
+        "routed_resnet",
+        "skip_lstm",
+        "slimmable_resnet",
+        "dynamicvit_tiny",
+        "avit_tiny",
+        "tome_vit_tiny",
+    ],
 )
 def test_knob_ladder_and_mixed_level_batches(name, tmp_path):
     model, x, y = _model(name)
@@ -80,9 +92,11 @@ def test_knob_single_point_and_bad_input():
     assert ladder.points[0].policy.to_dict() == {"kind": "knob", "family": "route", "value": 0.25}
     assert math.isnan(ladder.points[0].cost_ratio) and not ladder.movable
     with pytest.raises(ValueError, match="knob family"):
-        KnobSetting("width", 0.5)
+        KnobSetting("bogus", 0.5)
     with pytest.raises(ValueError, match="finite number"):
         KnobSetting("route", float("nan"))
+    with pytest.raises(ValueError, match="finite number or a list"):
+        KnobSetting("width", [])
     with pytest.raises(ValueError, match="non-zero numbers of inputs and labels"):
         build_knob_ladder(model, x, y[:3])
     with pytest.raises(ValueError, match="run-time knob"):

@@ -11,9 +11,9 @@ group parsed samples into batches, and to run a batch; the model's eval forward 
           and samples of different shapes go to different forwards
 
 A model "has an operating point" when it holds an `ExitPolicy` in `model.policy` and takes
-`policy=` in its forward (early-exit networks, DynamicBert), or when its family has a scalar
-run-time knob (block skipping, routing, Skip-RNNs, DynamicViT / A-ViT / ToMe: `serve.knobs`),
-applied before the forward; for other families budgets are reported as unavailable.
+`policy=` in its forward (early-exit networks, DynamicBert), or when its family has a run-time
+knob (block skipping, routing, Skip-RNNs, slimmable widths, DynamicViT / A-ViT / ToMe:
+`serve.knobs`), applied before the forward; for other families budgets are reported as unavailable.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ it to a budget on held-out data:
     skip      SkipNetwork          gate threshold              depth.skipping.calibrate_skip_threshold
     route     RoutedResNet         routing cost penalty        routing.router.calibrate_route_bias
     skip_rnn  SkipRNN (skip=True)  update threshold            temporal.skip_rnn.calibrate_update_threshold
+    width     SlimmableNetwork     width-chooser thresholds    width.slimmable.calibrate_width_policy
     dvit      DynamicViT           keep ratio                  bisection on the measured mean FLOPs
     avit      HaltingViT (A-ViT)   halting threshold           bisection on the measured mean FLOPs
     tome      ToMeViT              tokens merged per block     bisection (integers) on the mean FLOPs
@@ -32,9 +33,9 @@ from torch import nn
 class Knob:
     family: str
     matches: Callable[[nn.Module], bool]
-    get: Callable[[nn.Module], float]
-    apply: Callable[[nn.Module, float], None]
-    calibrate: Callable[[nn.Module, torch.Tensor, float], float]  # sets the knob, returns its value
+    get: Callable[[nn.Module], Any]  # a number, or a list of numbers (width thresholds)
+    apply: Callable[[nn.Module, Any], None]
+    calibrate: Callable[[nn.Module, torch.Tensor, float], Any]  # sets the knob, returns its value
     cheapest: Callable[[nn.Module, torch.Tensor], float]  # lowest cost fraction reachable (about)
 
 
@@ -117,6 +118,18 @@ def _rnn_apply(model: nn.Module, value: float) -> None:
     model.threshold = value
 
 
+def _width_apply(model: nn.Module, value: list[float]) -> None:
+    from dynets.width.slimmable import WidthPolicy
+
+    model.width_policy = WidthPolicy(value)
+
+
+def _width_calibrate(model: nn.Module, x: torch.Tensor, budget: float) -> list[float]:
+    from dynets.width.slimmable import calibrate_width_policy
+
+    return list(calibrate_width_policy(model, x, budget).policy.thresholds)
+
+
 KNOBS = (
     Knob(
         "skip",
@@ -142,6 +155,14 @@ KNOBS = (
         _rnn_calibrate,
         lambda m, x: 0.05,
     ),
+    Knob(  # a list of thresholds (one per width but the largest): the setting is a list
+        "width",
+        _is("dynets.width.slimmable", "SlimmableNetwork"),
+        lambda m: list(m.width_policy.thresholds),
+        _width_apply,
+        _width_calibrate,
+        lambda m, x: float(m.width_costs()[0] / m.width_costs()[-1]),
+    ),
 )
 
 
@@ -164,16 +185,21 @@ def knob_for(model: nn.Module) -> Knob | None:
 
 
 class KnobSetting:
-    """One operating point of a knob family: the knob's value. Serialised as a ladder 'policy'."""
+    """One operating point of a knob family: the knob's value (a number, or a list of numbers for
+    the width chooser's thresholds). Serialised as a ladder 'policy'."""
 
     kind = "knob"
 
     def __init__(self, family: str, value: float) -> None:
         if family not in BY_FAMILY:
             raise ValueError(f"knob family: expected one of {sorted(BY_FAMILY)}, got {family!r}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"knob value: expected a finite number, got {value!r}")
-        self.family, self.value = family, float(value)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not values or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+        ):
+            raise ValueError(f"knob value: expected a finite number or a list of them, got {value!r}")
+        self.family = family
+        self.value: Any = [float(v) for v in values] if isinstance(value, (list, tuple)) else float(value)
 
     def apply(self, model: nn.Module) -> None:
         BY_FAMILY[self.family].apply(model, self.value)
@@ -186,7 +212,7 @@ class KnobSetting:
         return cls(d["family"], d["value"])
 
     def __repr__(self) -> str:
-        return f"KnobSetting({self.family!r}, {self.value:.6g})"
+        return f"KnobSetting({self.family!r}, {self.value!r})"
 
 
 @torch.no_grad()

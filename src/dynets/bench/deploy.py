@@ -258,8 +258,9 @@ def family_entry(
     if key is not None:
         entry["decision_mean"] = float(ref.decisions[key].double().mean())
     entry["mean_mflops"] = float(ref.flops.double().mean()) / 1e6
-    if callable(getattr(model, "full_cost", None)) and key != "expert":  # (MoE: a cost per length)
-        entry["mean_flops_ratio"] = 1e6 * entry["mean_mflops"] / float(model.full_cost())
+    full = model.full_cost() if callable(getattr(model, "full_cost", None)) else None
+    if isinstance(full, (int, float)):  # one figure for every input (not per length, as MoE's)
+        entry["mean_flops_ratio"] = 1e6 * entry["mean_mflops"] / float(full)
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in formats:
             rt = load_runtime(export_model(model, Path(tmp) / fmt, format=fmt), threads=threads)

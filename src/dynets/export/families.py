@@ -378,17 +378,11 @@ def export_rnn(model: nn.Module, out: str | Path, *, format: str, opset: int, ex
     return write_export(out, units, manifest, format=format, opset=opset)
 
 
-def _moe_embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(B, L) ids or (B, L, F) features -> (B, L, d) embeddings + sinusoidal positions."""
-    from dynets.models.moe_transformer import sinusoid
-
-    return model.embed(x) + sinusoid(x.shape[1], model.config.d_model, x.device)
-
-
 def _moe_attention(block: nn.Module, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """h + attention(ln1(h)) for (B, L, d), padded keys masked as in the eager model."""
-    bias = (~valid)[:, None, None, :].to(h.dtype) * torch.finfo(h.dtype).min  # (B, 1, 1, L)
-    return h + block.attn(block.ln1(h), bias)
+    from dynets.models.moe_transformer import key_bias
+
+    return h + block.attn(block.ln1(h), key_bias(valid, h.dtype))
 
 
 def _moe_route(block: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -399,8 +393,7 @@ def _moe_route(block: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def _moe_head(model: nn.Module, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean over the valid tokens of ln_f(h), then the classifier: (B, L, d) -> (B, C)."""
-    h = model.ln_f(h) * valid[..., None]
-    return model.head(h.sum(dim=1) / valid.sum(1)[:, None].to(h.dtype))
+    return model.head(model.pool(h, valid))
 
 
 def export_moe(model: nn.Module, out: str | Path, *, format: str, opset: int, example_batch: int) -> Path:
@@ -418,11 +411,11 @@ def export_moe(model: nn.Module, out: str | Path, *, format: str, opset: int, ex
     valid[-1, 4:] = False
     z = torch.rand(3 * example_batch, c.d_model, generator=gen)  # tokens, for the per-token graphs
     units: list[tuple[str, nn.Module, tuple[torch.Tensor, ...]]] = [
-        ("embed", _graph(model.embed, partial(_moe_embed, model)), (x,))
+        ("embed", _graph(model.embed, model.embed_positions), (x,))
     ]
     axes: dict[str, Any] = {"embed": ([BL], [BL])}
     with torch.no_grad():
-        h = _moe_embed(model, x)
+        h = model.embed_positions(x)
     for i, b in enumerate(model.blocks):
         owner = nn.ModuleList([b.ln1, b.attn])
         units.append((f"attn_{i}", _graph(owner, partial(_moe_attention, b)), (h, valid)))

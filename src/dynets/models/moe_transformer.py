@@ -179,6 +179,11 @@ class Block(nn.Module):
         return flat.view_as(h)
 
 
+def key_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) bool valid keys -> (B, 1, 1, L) additive attention bias (padded keys at dtype's min)."""
+    return (~valid)[:, None, None, :].to(dtype) * torch.finfo(dtype).min
+
+
 def sinusoid(T: int, d: int, device: torch.device) -> torch.Tensor:
     """(T, d) sinusoidal position codes (Vaswani et al.)."""
     pos = torch.arange(T, device=device, dtype=torch.float32)[:, None]
@@ -260,23 +265,28 @@ class MoETransformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None, list[MoEStats]]:
         """Trimmed input -> (logits (B, C), valid token positions in the flat (B*L) grid or None, stats)."""
         B, L = x.shape[:2]
-        d = self.config.d_model
-        h = self.embed(x) + sinusoid(L, d, x.device)  # (B, L, d)
-        h = self.drop(h)
+        h = self.drop(self.embed_positions(x))  # (B, L, d)
         valid = torch.arange(L, device=x.device)[None, :] < lengths[:, None]  # (B, L)
         if bool(valid.all()):
             bias, tokens = None, None
         else:
-            bias = (~valid)[:, None, None, :].to(h.dtype) * torch.finfo(h.dtype).min  # (B, 1, 1, L)
+            bias = key_bias(valid, h.dtype)
             tokens = valid.reshape(-1).nonzero().squeeze(1)  # (N,)
         stats = []
         for block in self.blocks:
             h = block(h, bias, tokens)
             if isinstance(block.ffn, MoE):
                 stats.append(block.ffn.last_stats)
+        return self.head(self.drop(self.pool(h, valid))), tokens, stats
+
+    def embed_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids or (B, L, F) features -> (B, L, d) embeddings + sinusoidal positions."""
+        return self.embed(x) + sinusoid(x.shape[1], self.config.d_model, x.device)
+
+    def pool(self, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Mean of ln_f(h) over the valid tokens: (B, L, d), (B, L) bool -> (B, d)."""
         h = self.ln_f(h) * valid[..., None]  # padding out of the mean
-        pooled = h.sum(dim=1) / lengths[:, None].to(h.dtype)  # (B, d)
-        return self.head(self.drop(pooled)), tokens, stats
+        return h.sum(dim=1) / valid.sum(1)[:, None].to(h.dtype)
 
     def forward(self, x: torch.Tensor) -> DynamicOutput | MultiExitOutput:
         """Training mode: MultiExitOutput([logits], aux). Eval mode: DynamicOutput with decisions."""

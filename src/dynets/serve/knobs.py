@@ -55,7 +55,16 @@ def _mean_flops(model: nn.Module, x: torch.Tensor, bs: int = 256) -> float:
     )
 
 
-def _bisect(attr: str, cheap: float, dear: float, *, integer: bool = False, iters: int = 12) -> Knob:
+def _bisect(
+    family: str,
+    matches: Callable[[nn.Module], bool],
+    attr: str,
+    cheap: float,
+    dear: float,
+    *,
+    integer: bool = False,
+    iters: int = 12,
+) -> Knob:
     """A knob set as `model.<attr>` whose cost moves monotonically from `cheap` to `dear`: the
     calibrator bisects for the dearest value whose mean FLOPs on the data stay within the budget."""
 
@@ -87,7 +96,7 @@ def _bisect(attr: str, cheap: float, dear: float, *, integer: bool = False, iter
         setattr(model, attr, old)
         return ratio
 
-    return Knob(attr, lambda m: True, lambda m: float(getattr(m, attr)), apply, calibrate, cheapest)
+    return Knob(family, matches, lambda m: float(getattr(m, attr)), apply, calibrate, cheapest)
 
 
 def _skip_apply(model: nn.Module, value: float) -> None:
@@ -163,19 +172,12 @@ KNOBS = (
         _width_calibrate,
         lambda m, x: float(m.width_costs()[0] / m.width_costs()[-1]),
     ),
+    _bisect("dvit", _is("dynets.spatial.token_pruning", "DynamicViT"), "keep_ratio", 0.05, 1.0),
+    _bisect("avit", _is("dynets.spatial.halting", "HaltingViT"), "threshold", 0.01, 1.0),
+    _bisect("tome", _is("dynets.spatial.merging", "ToMeViT"), "merge_r", 32, 0, integer=True),
 )
 
 
-def _vit_knob(family: str, module: str, name: str, attr: str, cheap: float, dear: float, **kw: Any) -> Knob:
-    k = _bisect(attr, cheap, dear, **kw)
-    return Knob(family, _is(module, name), k.get, k.apply, k.calibrate, k.cheapest)
-
-
-KNOBS = KNOBS + (
-    _vit_knob("dvit", "dynets.spatial.token_pruning", "DynamicViT", "keep_ratio", 0.05, 1.0),
-    _vit_knob("avit", "dynets.spatial.halting", "HaltingViT", "threshold", 0.01, 1.0),
-    _vit_knob("tome", "dynets.spatial.merging", "ToMeViT", "merge_r", 32, 0, integer=True),
-)
 BY_FAMILY = {k.family: k for k in KNOBS}
 
 

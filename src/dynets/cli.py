@@ -399,7 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--dev", default=None, help="dev table: learned exits and the default policy are fit on it"
     )
     t.add_argument(
-        "--recipe", default=None, choices=["two_stage", "joint", "distill"], help="default two_stage"
+        "--recipe",
+        default=None,
+        choices=["two_stage", "joint", "distill", "joint_distill"],
+        help="default two_stage",
     )
     t.add_argument("--max-length", type=int, default=None, help="tokens per sentence (longer: truncated)")
     t.add_argument(
@@ -494,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--bert-recipes",
         default=None,
-        help="bert: comma-separated exit recipes (default two_stage,distill,joint)",
+        help="bert: comma-separated exit recipes (default two_stage,distill,joint,joint_distill)",
     )
     s.set_defaults(fn=cmd_bench)
 

@@ -227,6 +227,34 @@ def test_batch_one_and_permutation_equal_batched(tiny, batch):
     assert torch.equal(shuffled.flops, full.flops[perm])
 
 
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_pooled_throughput_mode_equals_reference(tiny_dir, batch, pooling):
+    """run_pooled: survivors of consecutive batches share later layers (padded to the longest of
+    the group), yet every sentence takes the reference's exit with its logits and FLOPs."""
+    model = make_tiny(tiny_dir, exit_pooling=pooling)
+    x = torch.cat([batch, batch.flip(0)])  # 24 sentences of mixed lengths, so groups need padding
+    ref = reference(model, x)
+    for policy in (
+        ConfidencePolicy([midway(ConfidencePolicy(0.5).score(ref[k])) for k in range(model.num_exits - 1)]),
+        PatiencePolicy(1),
+        NeverExitPolicy(),
+    ):
+        want = replay_exits(policy, ref)
+        per_batch = model(x, policy=policy)
+        for bs in (1, 5, 8, 24, 100):
+            got = model.run_pooled(x, bs, policy)
+            assert torch.equal(got.exit_index, want)
+            chosen = torch.stack([ref[k][i] for i, k in enumerate(want.tolist())])
+            torch.testing.assert_close(got.logits, chosen, atol=1e-5, rtol=1e-5)
+            assert torch.equal(got.flops, per_batch.flops)
+            assert torch.equal(got.decisions["exit_layer"], per_batch.decisions["exit_layer"])
+    assert model.run_pooled(x[:0], 4).logits.shape == (0, 3)
+    with pytest.raises(ValueError, match="batch_size"):
+        model.run_pooled(x, 0)
+    with pytest.raises(ValueError, match="learned exits"):
+        make_tiny(tiny_dir, learned_exits=False).run_pooled(x, 4, LearnedPolicy(0.5))
+
+
 def test_training_mode_returns_every_exit(tiny, batch):
     tiny.train()
     out = tiny(batch)
@@ -346,6 +374,7 @@ def test_recipes_freeze_what_they_should(tiny_dir, tmp_path, monkeypatch):
     table_path.write_text("sentence\tlabel\n" + rows)
     data = encode_table(model, load_text_table(table_path))
     calls: list[tuple[set[str], object, float]] = []
+    lrs: list[float] = []
     real_train = recipes.train
 
     def spy(net, d, cfg, **kw):
@@ -355,6 +384,7 @@ def test_recipes_freeze_what_they_should(tiny_dir, tmp_path, monkeypatch):
             if p.requires_grad
         }
         calls.append((names, cfg.exit_weights, cfg.distill))
+        lrs.append(cfg.lr)
         return real_train(net, d, cfg, **kw)
 
     monkeypatch.setattr(recipes, "train", spy)
@@ -366,12 +396,20 @@ def test_recipes_freeze_what_they_should(tiny_dir, tmp_path, monkeypatch):
         "joint": [({"embeddings", "layers", *early, "heads.3"}, "linear", 0.0)],
         "two_stage": [({"embeddings", "layers", "heads.3"}, [0, 0, 0, 1], 0.0), (early, [1, 1, 1, 0], 0.0)],
         "distill": [({"embeddings", "layers", "heads.3"}, [0, 0, 0, 1], 0.0), (early, [1, 1, 1, 0], 1.0)],
+        "joint_distill": [
+            ({"embeddings", "layers", "heads.3"}, [0, 0, 0, 1], 0.0),
+            (early, [1, 1, 1, 0], 1.0),
+            ({"embeddings", "layers", *early, "heads.3"}, [1, 1, 1, 1], 0.5),
+        ],
     }
     for recipe, want in expected.items():
         calls.clear()
+        lrs.clear()
         w0 = model.heads[0].classifier.weight.detach().clone()
         result = train_text(model, data, recipe, cfg, eval_data=data)
         assert calls == want
+        if recipe == "joint_distill":  # the joint stage runs at a lower learning rate
+            assert lrs == [cfg.lr, cfg.lr, pytest.approx(cfg.lr * recipes.JOINT_DISTILL["lr_scale"])]
         assert [r["stage"] for r in result.history] == list(range(1, len(want) + 1))
         assert "val_acc_per_exit" in result.history[-1]  # the loop's evaluation saw every exit
         assert not torch.equal(model.heads[0].classifier.weight, w0)

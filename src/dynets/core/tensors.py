@@ -25,3 +25,14 @@ def all_finite(x: torch.Tensor) -> bool:
     if x.numel() == 0:
         return True
     return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
+
+
+def pop_groups(queue: list, batch_size: int, rows: int) -> tuple[list, int]:
+    """Throughput-mode scheduling (run_pooled): take whole pending groups from the front of `queue`
+    until they hold at least `batch_size` samples or the queue is empty. Each group's sample count
+    is the length of its tensor at position `rows`. Returns (groups, samples taken)."""
+    parts, n = [], 0
+    while queue and n < batch_size:
+        parts.append(queue.pop(0))
+        n += int(parts[-1][rows].shape[0])
+    return parts, n

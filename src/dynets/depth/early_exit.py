@@ -25,7 +25,7 @@ from torch import nn
 
 from dynets.core.cost import cumulative_exit_costs, measure_flops
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
-from dynets.core.tensors import all_finite, take_rows
+from dynets.core.tensors import all_finite, pop_groups, take_rows
 from dynets.policies.exit_policies import ConfidencePolicy, ExitPolicy, ThresholdPolicy
 
 Features = Any  # a Tensor, or a (nested) list/tuple of Tensors for multi-scale backbones
@@ -362,10 +362,7 @@ class EarlyExitNetwork(nn.Module):
 
         def run_level(k: int, flush: bool) -> None:
             while counts[k] >= batch_size or (flush and counts[k] > 0):
-                parts, n = [], 0
-                while queues[k] and n < batch_size:
-                    parts.append(queues[k].pop(0))
-                    n += int(parts[-1][1].numel())
+                parts, n = pop_groups(queues[k], batch_size, rows=1)
                 h = cat_tree([p[0] for p in parts])
                 idx = torch.cat([p[1] for p in parts])
                 state = {name: torch.cat([p[2][name] for p in parts]) for name in parts[0][2]}

@@ -44,6 +44,7 @@ from torch import nn
 
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
 from dynets.core.serialization import register_architecture
+from dynets.core.tensors import pop_groups
 from dynets.depth.early_exit import ExitPredictor
 from dynets.policies.exit_policies import ConfidencePolicy, ExitPolicy, ThresholdPolicy
 from dynets.text.bert_costs import LengthCost, fit_layer_cost, measure_units
@@ -131,8 +132,8 @@ class ExitHead(nn.Module):
         elif valid is None:
             pooled = h.mean(1)
         else:
-            w = valid.to(h.dtype).unsqueeze(-1)  # (B, L, 1)
-            pooled = (h * w).sum(1) / w.sum(1).clamp_min(1.0)
+            w = valid.to(h.dtype)  # (B, L)
+            pooled = torch.bmm(w.unsqueeze(1), h).squeeze(1) / w.sum(1, keepdim=True).clamp_min(1.0)
         return self.classifier(self.dropout(pooled))
 
 
@@ -300,7 +301,7 @@ class DynamicBert(nn.Module):
             raise TypeError(f"input: expected token ids of dtype torch.int64, got {x.dtype}")
         if x.dim() != 2:
             raise ValueError(f"input: expected token ids of shape (B, L), got {tuple(x.shape)}")
-        lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 0)
+        lo, hi = (int(v) for v in torch.aminmax(x)) if x.numel() else (0, 0)
         if lo < 0 or hi >= self.vocab_size:
             raise ValueError(
                 f"input: expected token ids in [0, {self.vocab_size}), got values in [{lo}, {hi}]"
@@ -476,7 +477,7 @@ class DynamicBert(nn.Module):
         mask = self._mask(valid, h)
         for k, i in enumerate(self._kept):
             h = self._layer(i, h, mask)  # 1. (B_active, L_active, H)
-            logits = self.heads[i](h, valid)  # 2. (B_active, C)
+            logits = self.heads[i](h, None if mask is None else valid)  # 2. (B_active, C); None: no padding
             if k == K - 1:
                 out.index_copy_(0, idx, logits)
                 exit_index.index_fill_(0, idx, k)
@@ -507,6 +508,81 @@ class DynamicBert(nn.Module):
         rec = {"scores": scores, "lengths": lengths.cpu()} if record else None
         return DynamicOutput(out, exit_index, flops, rec, self._decisions(exit_index))
 
+    @torch.no_grad()
+    def run_pooled(self, x: torch.Tensor, batch_size: int, policy: ExitPolicy | None = None) -> DynamicOutput:
+        """Throughput mode over many batches (EarlyExitNetwork.run_pooled for text): `x` (N, L) is
+        fed in batches of `batch_size`, and the sentences still running after exit k are pooled
+        across consecutive batches before layer k+1 runs, so later layers run on full batches
+        instead of ever smaller remnants (whole pending groups are taken, so a batch may run
+        somewhat over `batch_size`; the remainders are flushed at the end). Pooled groups are padded
+        to their longest sentence, so feed length-sorted input to keep the padding small.
+
+        Each sentence takes the same exit, with the same logits (up to float rounding) and FLOPs,
+        as under `run_dynamic`; results come back in input order. A sentence may wait for others
+        before its later layers run: this is for offline or server-side throughput, `forward` for
+        the latency of one batch."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+        policy = policy if policy is not None else self.policy
+        if policy.needs_learned and not len(self.exit_predictors):
+            raise ValueError(f"policy {policy.kind!r} needs learned exits, but this model has none")
+        self.check_input(x)
+        N, K = x.shape[0], self.num_exits
+        if N == 0:
+            return self.run_dynamic(x, policy)
+        lengths = self.lengths(x)
+        out = self._empty_logits().new_empty(N, self.config.num_labels)
+        exit_index = torch.empty(N, dtype=torch.long, device=x.device)
+        # queues[k]: groups (hidden states, validity, lengths, input positions, policy state) that
+        # wait for kept layer k; counts[k]: their sentences
+        queues: list[list[tuple]] = [[] for _ in range(K)]
+        counts = [0] * K
+
+        def run_level(k: int, flush: bool) -> None:
+            while counts[k] >= batch_size or (flush and counts[k] > 0):
+                parts, n = pop_groups(queues[k], batch_size, rows=3)
+                counts[k] -= n
+                h, valid, lens, idx, state = parts[0] if len(parts) == 1 else _cat_groups(parts)
+                i = self._kept[k]
+                mask = self._mask(valid, h)
+                h = self._layer(i, h, mask)
+                logits = self.heads[i](h, None if mask is None else valid)
+                if k == K - 1:
+                    out.index_copy_(0, idx, logits)
+                    exit_index.index_fill_(0, idx, k)
+                    continue
+                learned = self.exit_predictors[i](logits) if policy.needs_learned else None
+                stop, state = policy.step(k, logits, state, learned)
+                gone, keep = stop.nonzero().squeeze(1), (~stop).nonzero().squeeze(1)
+                if gone.numel():
+                    out.index_copy_(0, idx[gone], logits.index_select(0, gone))
+                    exit_index.index_fill_(0, idx[gone], k)
+                if keep.numel():
+                    lens = lens.index_select(0, keep)
+                    L = int(lens.max())  # re-trim to the longest survivor
+                    group = (
+                        h.index_select(0, keep)[:, :L],
+                        valid.index_select(0, keep)[:, :L],
+                        lens,
+                        idx.index_select(0, keep),
+                        {name: v.index_select(0, keep) for name, v in state.items()},
+                    )
+                    queues[k + 1].append(group)
+                    counts[k + 1] += int(keep.numel())
+
+        for start in range(0, N, batch_size):
+            xb, valid, lens = self._prepare(x[start : start + batch_size])
+            h = self.embeddings(input_ids=xb)  # (b, L, H)
+            idx = torch.arange(start, start + xb.shape[0], device=x.device)
+            queues[0].append((h, valid, lens, idx, policy.init_state(xb.shape[0], x.device)))
+            counts[0] += xb.shape[0]
+            for k in range(K):
+                run_level(k, flush=False)
+        for k in range(K):
+            run_level(k, flush=True)
+        flops = self.sample_flops(lengths, exit_index, learned=policy.needs_learned)
+        return DynamicOutput(out, exit_index, flops, None, self._decisions(exit_index))
+
     def _decisions(self, exit_index: torch.Tensor) -> dict[str, torch.Tensor]:
         """exit_layer: the (0-based) encoder layer after which each sample left."""
         return {"exit_layer": torch.tensor(self._kept, device=exit_index.device)[exit_index]}
@@ -521,7 +597,7 @@ class DynamicBert(nn.Module):
         K = self.num_exits
         for k, i in enumerate(self._kept):
             h = self._layer(i, h, mask)
-            logits = self.heads[i](h, valid)  # (1, C)
+            logits = self.heads[i](h, None if mask is None else valid)  # (1, C)
             if k < K - 1:
                 learned = self.exit_predictors[i](logits) if policy.needs_learned else None
                 stop, state = policy.step_single(k, logits, state, learned)
@@ -531,3 +607,22 @@ class DynamicBert(nn.Module):
             flops = self.sample_flops(lengths, exit_index, policy.needs_learned)
             return DynamicOutput(logits, exit_index, flops, None, self._decisions(exit_index))
         raise RuntimeError("unreachable: the last exit always stops")
+
+
+def _cat_groups(parts: list[tuple]) -> tuple:
+    """Concatenate pending groups of run_pooled, padding each to the longest: hidden states with
+    zeros and validity with False (padded positions are masked out of attention and pooling)."""
+    L = max(p[0].shape[1] for p in parts)
+    hs, vs = [], []
+    for h, valid, *_ in parts:
+        pad = L - h.shape[1]
+        hs.append(nn.functional.pad(h, (0, 0, 0, pad)) if pad else h)
+        vs.append(nn.functional.pad(valid, (0, pad), value=False) if pad else valid)
+    states = parts[0][4]
+    return (
+        torch.cat(hs),
+        torch.cat(vs),
+        torch.cat([p[2] for p in parts]),
+        torch.cat([p[3] for p in parts]),
+        {name: torch.cat([p[4][name] for p in parts]) for name in states},
+    )

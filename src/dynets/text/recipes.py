@@ -5,6 +5,11 @@
 - "joint" (PABEE-style): one run, every exit at once, deeper exits weighted more ("linear").
 - "distill" (FastBERT-style): fine-tune the encoder with the final classifier only; then freeze
   both and train the early exits by self-distillation from the final layer (distill = 1.0).
+- "joint_distill": "distill", then a third stage that unfreezes everything and trains the encoder
+  and every exit together at a lower learning rate (JOINT_DISTILL: every exit weighted alike, the
+  early ones learning half from the labels and half from the final layer's softened prediction).
+  The encoder learns features the early exits can use while the final classifier keeps its plain
+  loss, so early exits get stronger at little cost to the last one.
 
 Stages differ only in TrainConfig.exit_weights / distill and in which parameters are frozen, so
 the loop, its checkpoints and its determinism are reused unchanged. Requires-grad flags are put
@@ -24,7 +29,10 @@ from torch import nn
 
 from dynets.train.loop import TrainConfig, TrainResult, train
 
-RECIPES = ("two_stage", "joint", "distill")
+RECIPES = ("two_stage", "joint", "distill", "joint_distill")
+# Stage 3 of "joint_distill": weight of each early exit (the final one has 1), the share of
+# self-distillation in their loss, and the learning rate as a fraction of the TrainConfig's.
+JOINT_DISTILL = {"exit_weight": 1.0, "distill": 0.5, "lr_scale": 0.4}
 
 
 class _FloatIds(nn.Module):
@@ -84,6 +92,24 @@ def _stage(
     return result
 
 
+def joint_distill_stage(
+    model: nn.Module, data: _Data, eval_data: _Data | None, config: TrainConfig, stage: int
+) -> TrainResult:
+    """The last stage of "joint_distill": encoder and every exit trained together (JOINT_DISTILL)."""
+    K = model.num_exits
+    return _stage(
+        model,
+        data,
+        eval_data,
+        config,
+        [model.embeddings, model.layers, model.heads],
+        stage,
+        exit_weights=[JOINT_DISTILL["exit_weight"]] * (K - 1) + [1.0],
+        distill=JOINT_DISTILL["distill"],
+        lr=config.lr * JOINT_DISTILL["lr_scale"],
+    )
+
+
 def train_text(
     model: nn.Module, data: Any, recipe: str, config: TrainConfig, *, eval_data: Any = None
 ) -> TrainResult:
@@ -124,11 +150,13 @@ def train_text(
             )
             # stage 2: encoder and final classifier frozen; the early exits learn from the labels
             # (two_stage) or from the final layer's softened prediction (distill)
-            distill = 1.0 if recipe == "distill" else 0.0
+            distill = 1.0 if recipe in ("distill", "joint_distill") else 0.0
             early = list(model.heads)[:-1]
             results.append(
                 _stage(model, xy, eval_xy, config, early, 2, exit_weights=early_only, distill=distill)
             )
+            if recipe == "joint_distill":
+                results.append(joint_distill_stage(model, xy, eval_xy, config, 3))
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(saved[name])

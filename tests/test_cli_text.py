@@ -206,20 +206,20 @@ def test_bench_bert_quick_on_a_tiny_encoder(tiny_encoder, tmp_path, monkeypatch,
     for k in bench.HEADLINE_KEYS:
         assert isinstance(r[k], float), k
     assert r["data"]["train_sentences"] == 32 and r["data"]["max_length"] == 40  # clipped to the encoder
-    assert r["recipe"] in ("two_stage", "distill", "joint") and set(r["curves"]) == {"patience"}
-    assert set(r["recipes"]) == {"two_stage", "distill", "joint"}
+    assert r["recipe"] in bench.BENCH_RECIPES and set(r["curves"]) == {"patience"}
+    assert set(r["recipes"]) == {"two_stage", "distill", "joint", "joint_distill"}
     assert r["policy"]["kind"] and 1.0 <= r["mean_layers"] <= 3.0
     assert (tmp_path / "r" / "bert.md").exists() and (tmp_path / "r" / "bert_curves.png").exists()
     if r["dynabert_grid"] is not None:
         assert [(g["width"], g["depth"]) for g in r["dynabert_grid"]] == [(0.5, 1.0), (1.0, 1.0)]
     # trained models are cached by what decides them, so timing can be re-run without training
     cached = sorted(p.name.split("-")[2] for p in (tmp_path / "cache" / "bench").iterdir())
-    assert {"static", "two_stage", "distill", "joint"} <= set(cached)
+    assert {"static", "two_stage", "distill", "joint", "joint_distill"} <= set(cached)
     capsys.readouterr()
     # --bert-recipes names recipes; a wrong one is refused before training
     assert main([*argv, "--bert-recipes", "two_stage,bogus"]) != 0
     assert (
-        "expected some of ['two_stage', 'distill', 'joint'], got ('two_stage', 'bogus')"
+        "expected some of ['two_stage', 'distill', 'joint', 'joint_distill'], got ('two_stage', 'bogus')"
         in capsys.readouterr().err
     )
 

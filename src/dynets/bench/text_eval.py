@@ -57,6 +57,12 @@ class TextExits:
         """(N,) exit each sentence takes under `policy` (replayed on the stored logits)."""
         return replay_exits(policy, self.exit_logits, self.learned)
 
+    def correct(self, policy: ExitPolicy) -> torch.Tensor:
+        """(N,) bool: whether each sentence's prediction under `policy` is right."""
+        idx = self.exits(policy)
+        preds = torch.stack([lg.argmax(-1) for lg in self.exit_logits], 1).gather(1, idx[:, None]).squeeze(1)
+        return preds == self.labels
+
     def evaluate(self, policy: ExitPolicy) -> dict[str, Any]:
         idx = self.exits(policy)
         preds = torch.stack([lg.argmax(-1) for lg in self.exit_logits], 1).gather(1, idx[:, None]).squeeze(1)

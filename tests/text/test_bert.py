@@ -366,6 +366,7 @@ def test_bad_inputs_fail_early(tiny, batch):
 
 # ---------------------------------------------------------------------------- training recipes
 def test_recipes_freeze_what_they_should(tiny_dir, tmp_path, monkeypatch):
+    import dynets.text.dynabert as dynabert
     import dynets.text.recipes as recipes
 
     model = make_tiny(tiny_dir).train()
@@ -375,6 +376,8 @@ def test_recipes_freeze_what_they_should(tiny_dir, tmp_path, monkeypatch):
     data = encode_table(model, load_text_table(table_path))
     calls: list[tuple[set[str], object, float]] = []
     lrs: list[float] = []
+    snaps: list[torch.Tensor] = []
+    teachers: list = []
     real_train = recipes.train
 
     def spy(net, d, cfg, **kw):
@@ -385,9 +388,12 @@ def test_recipes_freeze_what_they_should(tiny_dir, tmp_path, monkeypatch):
         }
         calls.append((names, cfg.exit_weights, cfg.distill))
         lrs.append(cfg.lr)
+        snaps.append(net.model.layers[0].output.dense.weight.detach().clone())  # the encoder at the start
+        teachers.append(net.__dict__.get("teacher"))
         return real_train(net, d, cfg, **kw)
 
     monkeypatch.setattr(recipes, "train", spy)
+    monkeypatch.setattr(dynabert, "train", spy)  # joint_distill's stage 3 distils through train_dynabert
     cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-2, optimizer="adamw", progress=False)
     with pytest.raises(ValueError, match="two_stage"):
         train_text(model, data, "deebert", cfg)
@@ -399,17 +405,25 @@ def test_recipes_freeze_what_they_should(tiny_dir, tmp_path, monkeypatch):
         "joint_distill": [
             ({"embeddings", "layers", "heads.3"}, [0, 0, 0, 1], 0.0),
             (early, [1, 1, 1, 0], 1.0),
-            ({"embeddings", "layers", *early, "heads.3"}, [1, 1, 1, 1], 0.5),
+            ({"embeddings", "layers", *early, "heads.3"}, [1, 1, 1, 1], 0.0),  # KD weight: train_dynabert's
         ],
     }
     for recipe, want in expected.items():
         calls.clear()
         lrs.clear()
+        snaps.clear()
+        teachers.clear()
         w0 = model.heads[0].classifier.weight.detach().clone()
         result = train_text(model, data, recipe, cfg, eval_data=data)
         assert calls == want
-        if recipe == "joint_distill":  # the joint stage runs at a lower learning rate
+        if recipe == "joint_distill":  # the joint stage runs at a lower learning rate ...
             assert lrs == [cfg.lr, cfg.lr, pytest.approx(cfg.lr * recipes.JOINT_DISTILL["lr_scale"])]
+            # ... taught by the frozen model as stage 1 left it (the encoder stage 2 started from)
+            teacher = teachers[-1]
+            assert teacher is not None and teacher is not model
+            assert torch.equal(teacher.layers[0].output.dense.weight, snaps[1])
+            assert not torch.equal(model.layers[0].output.dense.weight, snaps[1])  # the student moved
+            assert not any(p.requires_grad for p in teacher.parameters())
         assert [r["stage"] for r in result.history] == list(range(1, len(want) + 1))
         assert "val_acc_per_exit" in result.history[-1]  # the loop's evaluation saw every exit
         assert not torch.equal(model.heads[0].classifier.weight, w0)

@@ -202,8 +202,9 @@ def _train_stage(
 
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
-        if kw.pop("joint_distill", False):
-            result = joint_distill_stage(model, _as_float(data, "data"), None, tc, stage)
+        if "joint_distill_teacher" in kw:
+            teacher = kw.pop("joint_distill_teacher")
+            result = joint_distill_stage(model, _as_float(data, "data"), None, tc, stage, teacher=teacher)
         else:
             result = _stage(model, _as_float(data, "data"), None, tc, trainable, stage, **kw)
     finally:
@@ -397,7 +398,8 @@ def run(
             model = load(exit_path("distill"))
             torch.manual_seed(cfg.seed)
             _log(f"training encoder and every exit together ({recipe}) for {cfg.epochs} epoch(s)")
-            _train_stage(model, train, TrainConfig(**tc), [], 3, joint_distill=True)
+            teacher = load(cache / f"bert-sst2-static-{_key(base)}").eval()  # the stage-1 model
+            _train_stage(model, train, TrainConfig(**tc), [], 3, joint_distill_teacher=teacher)
             return model
         model = load(cache / f"bert-sst2-static-{_key(base)}")
         etc = TrainConfig(**{**tc, "epochs": cfg.exit_epochs, "lr": cfg.exit_lr, "warmup_epochs": 0.0})
@@ -515,7 +517,9 @@ def run(
     ]
 
     # 7. DynaBERT width x depth grid
-    grid, dyna_info = _dynabert(cfg, dyn_path, train, val, dev, static, policy, tc, base + [recipe], progress)
+    grid, dyna_info = _dynabert(
+        cfg, dyn_path, train, val, dev, static, policy, tc, base + [recipe, Path(dyn_path).name], progress
+    )
 
     static_row = {
         "accuracy": static_acc,

@@ -6,10 +6,10 @@
 - "distill" (FastBERT-style): fine-tune the encoder with the final classifier only; then freeze
   both and train the early exits by self-distillation from the final layer (distill = 1.0).
 - "joint_distill": "distill", then a third stage that unfreezes everything and trains the encoder
-  and every exit together at a lower learning rate (JOINT_DISTILL: every exit weighted alike, the
-  early ones learning half from the labels and half from the final layer's softened prediction).
-  The encoder learns features the early exits can use while the final classifier keeps its plain
-  loss, so early exits get stronger at little cost to the last one.
+  and every exit together at a lower learning rate (JOINT_DISTILL: every exit weighted alike, each
+  learning half from the labels and half from the stage-1 model's softened prediction, DynaBERT-
+  style). The encoder learns features the early exits can use, while the teacher keeps the last
+  exit close to the static model.
 
 Stages differ only in TrainConfig.exit_weights / distill and in which parameters are frozen, so
 the loop, its checkpoints and its determinism are reused unchanged. Requires-grad flags are put
@@ -21,6 +21,7 @@ Token ids are integers but the train loop takes floating-point `.x`; the loop is
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -31,8 +32,9 @@ from dynets.train.loop import TrainConfig, TrainResult, train
 
 RECIPES = ("two_stage", "joint", "distill", "joint_distill")
 # Stage 3 of "joint_distill": weight of each early exit (the final one has 1), the share of
-# self-distillation in their loss, and the learning rate as a fraction of the TrainConfig's.
-JOINT_DISTILL = {"exit_weight": 1.0, "distill": 0.5, "lr_scale": 0.4}
+# distillation in every exit's loss, the learning rate as a fraction of the TrainConfig's, and the
+# teacher (a frozen copy of the model after stage 1).
+JOINT_DISTILL = {"exit_weight": 1.0, "distill": 0.5, "lr_scale": 0.4, "teacher": "stage 1"}
 
 
 class _FloatIds(nn.Module):
@@ -93,21 +95,53 @@ def _stage(
 
 
 def joint_distill_stage(
-    model: nn.Module, data: _Data, eval_data: _Data | None, config: TrainConfig, stage: int
+    model: nn.Module,
+    data: _Data,
+    eval_data: _Data | None,
+    config: TrainConfig,
+    stage: int,
+    teacher: nn.Module | None = None,
 ) -> TrainResult:
-    """The last stage of "joint_distill": encoder and every exit trained together (JOINT_DISTILL)."""
+    """The last stage of "joint_distill": encoder and every exit trained together (JOINT_DISTILL).
+
+    teacher: the model as fine-tuned by stage 1 (frozen). Every exit, the last one included, then
+    learns half from the labels and half from the teacher's final prediction, which anchors the
+    last exit to the static model's while the encoder adapts to the early exits (DynaBERT's
+    distillation, `train_dynabert` at width and depth 1). Without a teacher the early exits
+    distil from the live last exit and the last one learns from the labels only."""
     K = model.num_exits
-    return _stage(
+    over = {
+        "exit_weights": [JOINT_DISTILL["exit_weight"]] * (K - 1) + [1.0],
+        "lr": config.lr * JOINT_DISTILL["lr_scale"],
+    }
+    trainable = [model.embeddings, model.layers, model.heads]
+    if teacher is None:
+        return _stage(
+            model, data, eval_data, config, trainable, stage, distill=JOINT_DISTILL["distill"], **over
+        )
+    from dynets.text.dynabert import train_dynabert
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in trainable:
+        m.requires_grad_(True)
+    if config.checkpoint_dir is not None:
+        over["checkpoint_dir"] = f"{config.checkpoint_dir}/stage{stage}"
+    result = train_dynabert(
         model,
         data,
-        eval_data,
-        config,
-        [model.embeddings, model.layers, model.heads],
-        stage,
-        exit_weights=[JOINT_DISTILL["exit_weight"]] * (K - 1) + [1.0],
+        dataclasses.replace(config, **over),
+        widths=[1.0],
+        depths=[1.0],
+        random_subnets=0,
+        eval_data=eval_data,
         distill=JOINT_DISTILL["distill"],
-        lr=config.lr * JOINT_DISTILL["lr_scale"],
+        hidden_weight=0.0,
+        teacher=teacher,
     )
+    for rec in result.history:
+        rec["stage"] = stage
+    return result
 
 
 def train_text(
@@ -148,6 +182,10 @@ def train_text(
                     distill=0.0,
                 )
             )
+            teacher = None
+            if recipe == "joint_distill":  # the stage-1 model, frozen, teaches stage 3
+                teacher = copy.deepcopy(model, memo={id(getattr(model, "tokenizer", None)): None}).eval()
+                teacher.requires_grad_(False)
             # stage 2: encoder and final classifier frozen; the early exits learn from the labels
             # (two_stage) or from the final layer's softened prediction (distill)
             distill = 1.0 if recipe in ("distill", "joint_distill") else 0.0
@@ -156,7 +194,7 @@ def train_text(
                 _stage(model, xy, eval_xy, config, early, 2, exit_weights=early_only, distill=distill)
             )
             if recipe == "joint_distill":
-                results.append(joint_distill_stage(model, xy, eval_xy, config, 3))
+                results.append(joint_distill_stage(model, xy, eval_xy, config, 3, teacher=teacher))
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(saved[name])

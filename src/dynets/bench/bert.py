@@ -191,9 +191,17 @@ def _subset(table: TextTable, idx: list[int]) -> TextTable:
 
 # -------------------------------------------------------------------------------------- training
 def _train_stage(
-    model: Any, data: TextDataset, tc: TrainConfig, trainable: list, stage: int, **kw: Any
+    model: Any,
+    data: TextDataset,
+    tc: TrainConfig,
+    trainable: list,
+    stage: int,
+    *,
+    teacher: Any = None,
+    **kw: Any,
 ) -> dict:
     """One stage of the text recipes (dynets.text.recipes) with only `trainable` updated; flags restored.
+    With `teacher`: joint_distill's last stage (encoder and every exit, distilled from `teacher`).
 
     The recipes' first stage (encoder + final classifier) is shared by two_stage and distill, so the
     benchmark runs the stages itself: stage 1 once (the static model), stage 2 once per recipe.
@@ -201,12 +209,12 @@ def _train_stage(
     from dynets.text.recipes import _as_float, _stage, joint_distill_stage
 
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    xy = _as_float(data, "data")
     try:
-        if "joint_distill_teacher" in kw:
-            teacher = kw.pop("joint_distill_teacher")
-            result = joint_distill_stage(model, _as_float(data, "data"), None, tc, stage, teacher=teacher)
+        if teacher is not None:
+            result = joint_distill_stage(model, xy, None, tc, stage, teacher=teacher)
         else:
-            result = _stage(model, _as_float(data, "data"), None, tc, trainable, stage, **kw)
+            result = _stage(model, xy, None, tc, trainable, stage, **kw)
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
@@ -399,7 +407,7 @@ def run(
             torch.manual_seed(cfg.seed)
             _log(f"training encoder and every exit together ({recipe}) for {cfg.epochs} epoch(s)")
             teacher = load(cache / f"bert-sst2-static-{_key(base)}").eval()  # the stage-1 model
-            _train_stage(model, train, TrainConfig(**tc), [], 3, joint_distill_teacher=teacher)
+            _train_stage(model, train, TrainConfig(**tc), [], 3, teacher=teacher)
             return model
         model = load(cache / f"bert-sst2-static-{_key(base)}")
         etc = TrainConfig(**{**tc, "epochs": cfg.exit_epochs, "lr": cfg.exit_lr, "warmup_epochs": 0.0})

@@ -36,3 +36,21 @@ def pop_groups(queue: list, batch_size: int, rows: int) -> tuple[list, int]:
         parts.append(queue.pop(0))
         n += int(parts[-1][rows].shape[0])
     return parts, n
+
+
+def write_exits(
+    out: torch.Tensor,
+    exit_index: torch.Tensor,
+    idx: torch.Tensor,
+    logits: torch.Tensor,
+    stop: torch.Tensor,
+    k: int,
+) -> torch.Tensor:
+    """The rows of an active batch that stop at exit k (`stop` (b,) bool) write their logits and k
+    to their input positions `idx` in `out` (N, C) and `exit_index` (N,); returns the (b',) indices
+    of the rows that go on, to compact the batch with."""
+    gone, keep = stop.nonzero().squeeze(1), (~stop).nonzero().squeeze(1)
+    if gone.numel():
+        out.index_copy_(0, idx[gone], logits.index_select(0, gone))
+        exit_index.index_fill_(0, idx[gone], k)
+    return keep

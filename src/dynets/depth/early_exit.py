@@ -25,7 +25,7 @@ from torch import nn
 
 from dynets.core.cost import cumulative_exit_costs, measure_flops
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
-from dynets.core.tensors import all_finite, pop_groups, take_rows
+from dynets.core.tensors import all_finite, pop_groups, take_rows, write_exits
 from dynets.policies.exit_policies import ConfidencePolicy, ExitPolicy, ThresholdPolicy
 
 Features = Any  # a Tensor, or a (nested) list/tuple of Tensors for multi-scale backbones
@@ -325,10 +325,7 @@ class EarlyExitNetwork(nn.Module):
                 out.index_copy_(0, idx, logits)
                 exit_index.index_fill_(0, idx, k)
                 break
-            gone = stop.nonzero().squeeze(1)  # 3. scatter the finished rows back in order
-            keep = (~stop).nonzero().squeeze(1)
-            out.index_copy_(0, idx[gone], logits.index_select(0, gone))
-            exit_index.index_fill_(0, idx[gone], k)
+            keep = write_exits(out, exit_index, idx, logits, stop, k)  # 3. finished rows, in order
             idx = idx.index_select(0, keep)  # 4. compact features and policy state
             h = index_select_tree(h, keep)
             state = {name: v.index_select(0, keep) for name, v in state.items()}
@@ -376,10 +373,7 @@ class EarlyExitNetwork(nn.Module):
                     continue
                 learned = self.exit_predictors[k](logits) if policy.needs_learned else None
                 stop, state = policy.step(k, logits, state, learned)
-                gone, keep = stop.nonzero().squeeze(1), (~stop).nonzero().squeeze(1)
-                if gone.numel():
-                    out.index_copy_(0, idx[gone], logits.index_select(0, gone))
-                    exit_index.index_fill_(0, idx[gone], k)
+                keep = write_exits(out, exit_index, idx, logits, stop, k)
                 if keep.numel():
                     queues[k + 1].append(
                         (

@@ -44,7 +44,7 @@ from torch import nn
 
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
 from dynets.core.serialization import register_architecture
-from dynets.core.tensors import pop_groups
+from dynets.core.tensors import pop_groups, write_exits
 from dynets.depth.early_exit import ExitPredictor
 from dynets.policies.exit_policies import ConfidencePolicy, ExitPolicy, ThresholdPolicy
 from dynets.text.bert_costs import LengthCost, fit_layer_cost, measure_units
@@ -493,10 +493,7 @@ class DynamicBert(nn.Module):
                 out.index_copy_(0, idx, logits)
                 exit_index.index_fill_(0, idx, k)
                 break
-            gone = stop.nonzero().squeeze(1)  # 3. scatter the finished rows back in input order
-            keep = (~stop).nonzero().squeeze(1)
-            out.index_copy_(0, idx[gone], logits.index_select(0, gone))
-            exit_index.index_fill_(0, idx[gone], k)
+            keep = write_exits(out, exit_index, idx, logits, stop, k)  # 3. finished rows, in input order
             idx, lens = idx.index_select(0, keep), lens.index_select(0, keep)  # 4. compact ...
             h, valid = h.index_select(0, keep), valid.index_select(0, keep)
             state = {name: v.index_select(0, keep) for name, v in state.items()}
@@ -526,11 +523,10 @@ class DynamicBert(nn.Module):
         policy = policy if policy is not None else self.policy
         if policy.needs_learned and not len(self.exit_predictors):
             raise ValueError(f"policy {policy.kind!r} needs learned exits, but this model has none")
-        self.check_input(x)
+        x, valid_all, lengths = self._prepare(x)  # checked once; each batch below is a slice
         N, K = x.shape[0], self.num_exits
         if N == 0:
             return self.run_dynamic(x, policy)
-        lengths = self.lengths(x)
         out = self._empty_logits().new_empty(N, self.config.num_labels)
         exit_index = torch.empty(N, dtype=torch.long, device=x.device)
         # queues[k]: groups (hidden states, validity, lengths, input positions, policy state) that
@@ -553,10 +549,7 @@ class DynamicBert(nn.Module):
                     continue
                 learned = self.exit_predictors[i](logits) if policy.needs_learned else None
                 stop, state = policy.step(k, logits, state, learned)
-                gone, keep = stop.nonzero().squeeze(1), (~stop).nonzero().squeeze(1)
-                if gone.numel():
-                    out.index_copy_(0, idx[gone], logits.index_select(0, gone))
-                    exit_index.index_fill_(0, idx[gone], k)
+                keep = write_exits(out, exit_index, idx, logits, stop, k)
                 if keep.numel():
                     lens = lens.index_select(0, keep)
                     L = int(lens.max())  # re-trim to the longest survivor
@@ -571,7 +564,9 @@ class DynamicBert(nn.Module):
                     counts[k + 1] += int(keep.numel())
 
         for start in range(0, N, batch_size):
-            xb, valid, lens = self._prepare(x[start : start + batch_size])
+            lens = lengths[start : start + batch_size]
+            L = int(lens.max())  # trimmed to this batch's longest sentence
+            xb, valid = x[start : start + batch_size, :L], valid_all[start : start + batch_size, :L]
             h = self.embeddings(input_ids=xb)  # (b, L, H)
             idx = torch.arange(start, start + xb.shape[0], device=x.device)
             queues[0].append((h, valid, lens, idx, policy.init_state(xb.shape[0], x.device)))

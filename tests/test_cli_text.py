@@ -222,6 +222,8 @@ def test_bench_bert_quick_on_a_tiny_encoder(tiny_encoder, tmp_path, monkeypatch,
         "expected some of ['two_stage', 'distill', 'joint', 'joint_distill'], got ('two_stage', 'bogus')"
         in capsys.readouterr().err
     )
+    assert main([*argv, "--bert-joint-epochs", "0"]) != 0
+    assert "BertBenchConfig.joint_epochs: expected an int >= 1, got 0" in capsys.readouterr().err
 
 
 def test_split_validation_keeps_phrases_of_validation_out_of_training():

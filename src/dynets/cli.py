@@ -286,6 +286,8 @@ def cmd_bench_bert(args: argparse.Namespace) -> int:
         extra["train_limit"] = args.train_limit
     if args.limit:
         extra["dev_limit"] = args.limit
+    if args.bert_joint_epochs is not None:
+        extra["joint_epochs"] = args.bert_joint_epochs
     if args.bert_recipes:
         extra["recipes"] = tuple(r.strip() for r in args.bert_recipes.split(",") if r.strip())
     cfg = BertBenchConfig(
@@ -498,6 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--bert-recipes",
         default=None,
         help="bert: comma-separated exit recipes (default two_stage,distill,joint,joint_distill)",
+    )
+    s.add_argument(
+        "--bert-joint-epochs",
+        type=int,
+        default=None,
+        help="bert: epochs of joint_distill's last stage, encoder and every exit together (default 1)",
     )
     s.set_defaults(fn=cmd_bench)
 

@@ -99,6 +99,7 @@ class BertBenchConfig:
     warmup_epochs: float = 0.1
     exit_epochs: int = 1
     exit_lr: float = 1e-3
+    joint_epochs: int = 1  # joint_distill's last stage (encoder + every exit); the other stages: epochs
     recipes: tuple[str, ...] = ("two_stage", "distill", "joint", "joint_distill")
     select_policies: tuple[str, ...] = ("confidence", "entropy", "learned", "patience")
     curve_policies: tuple[str, ...] = ("entropy", "patience", "learned")
@@ -133,6 +134,9 @@ class BertBenchConfig:
             self.curve_samples = min(self.curve_samples, 32)
             self.grid_samples = min(self.grid_samples, 64)
             self.rounds = min(self.rounds, 3)
+        je = self.joint_epochs
+        if isinstance(je, bool) or not isinstance(je, int) or je < 1:
+            raise ValueError(f"BertBenchConfig.joint_epochs: expected an int >= 1, got {self.joint_epochs!r}")
         for name in ("train_limit", "dev_limit", "b32_samples"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -382,6 +386,8 @@ def run(
         rkey = [recipe] if recipe == "joint" else [recipe, cfg.exit_epochs, cfg.exit_lr]
         if recipe == "joint_distill":
             rkey.append(JOINT_DISTILL)
+            if cfg.joint_epochs != 1:  # (one epoch: the key of the models cached before this option)
+                rkey.append({"joint_epochs": cfg.joint_epochs})
         return cache / f"bert-sst2-{recipe}-{_key(base + rkey)}"
 
     def build_exits(recipe: str) -> Any:
@@ -405,9 +411,10 @@ def run(
             _cached(exit_path("distill"), "exits (distill)", lambda: build_exits("distill"))
             model = load(exit_path("distill"))
             torch.manual_seed(cfg.seed)
-            _log(f"training encoder and every exit together ({recipe}) for {cfg.epochs} epoch(s)")
+            jtc = TrainConfig(**{**tc, "epochs": cfg.joint_epochs})
+            _log(f"training encoder and every exit together ({recipe}) for {cfg.joint_epochs} epoch(s)")
             teacher = load(cache / f"bert-sst2-static-{_key(base)}").eval()  # the stage-1 model
-            _train_stage(model, train, TrainConfig(**tc), [], 3, teacher=teacher)
+            _train_stage(model, train, jtc, [], 3, teacher=teacher)
             return model
         model = load(cache / f"bert-sst2-static-{_key(base)}")
         etc = TrainConfig(**{**tc, "epochs": cfg.exit_epochs, "lr": cfg.exit_lr, "warmup_epochs": 0.0})

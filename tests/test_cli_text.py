@@ -236,6 +236,34 @@ def test_split_validation_keeps_phrases_of_validation_out_of_training():
     assert not inside & set(train) and set(train) | set(val) | inside == set(range(6))
 
 
+def test_validation_of_complete_sentences_mirrors_a_sentence_level_dev_set():
+    from dynets.bench.bert import BertBenchConfig, complete_sentences, split_validation
+
+    texts = [
+        "a good film overall , really",  # sentence 1
+        "a good film overall",
+        "good film",
+        "film",
+        "dull plot , flat actors",  # sentence 2
+        "dull plot",
+        "flat  actors",  # irregular spacing is still a phrase of sentence 2
+        "short",  # a one-word sentence
+    ]
+    assert complete_sentences(texts) == [True, False, False, False, True, False, False, True]
+    for seed in range(4):
+        val, train = split_validation(texts, val_size=2, min_words=99, seed=seed, sentences=True)
+        assert len(val) == 2 and {texts[i] for i in val} <= {texts[0], texts[4], texts[7]}
+        words = [" ".join(t.split()) for t in texts]
+        for i in train:  # no phrase of a validation sentence is trained on
+            assert all(f" {words[i]} " not in f" {words[v]} " for v in val)
+        if 4 in val:
+            assert not {5, 6} & set(train)
+    with pytest.raises(ValueError, match="no training row is a complete sentence"):
+        split_validation([], 1, 1, 0, sentences=True)
+    with pytest.raises(ValueError, match="val_rows: expected 'sentences' or 'long', got 'dev'"):
+        BertBenchConfig(val_rows="dev")
+
+
 # ---------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "change, match",

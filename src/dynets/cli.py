@@ -286,6 +286,8 @@ def cmd_bench_bert(args: argparse.Namespace) -> int:
         extra["train_limit"] = args.train_limit
     if args.limit:
         extra["dev_limit"] = args.limit
+    if args.bert_val_rows is not None:
+        extra["val_rows"] = args.bert_val_rows
     if args.bert_joint_epochs is not None:
         extra["joint_epochs"] = args.bert_joint_epochs
     if args.bert_recipes:
@@ -500,6 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--bert-recipes",
         default=None,
         help="bert: comma-separated exit recipes (default two_stage,distill,joint,joint_distill)",
+    )
+    s.add_argument(
+        "--bert-val-rows",
+        choices=["sentences", "long"],
+        default=None,
+        help="bert: validation = complete training sentences (default) or rows of >= 10 words",
     )
     s.add_argument(
         "--bert-joint-epochs",

@@ -15,9 +15,10 @@ Models (2 CPU threads, everything seeded):
 
 Data: SST-2's dev set (872 full sentences) is the test set. Validation (calibration, learned
 exits, recipe choice) is carved from train: SST-2's training rows are the phrases of its
-sentences, so validation takes rows of at least `val_min_words` words (closer to dev's full
-sentences), and every training row that occurs inside a validation row, or contains one, is left
-out of training. Training uses a seeded random subset (`train_limit`) to fit a CPU budget.
+sentences, so validation takes complete sentences (rows that no other row contains; their
+lengths are distributed as dev's; `val_rows="long"`: any row of >= `val_min_words` words, as
+before session 9), and every training row that occurs inside a validation row, or contains one,
+is left out of training. Training uses a seeded random subset (`train_limit`) to fit a CPU budget.
 
 Operating point, chosen on validation only: the cheapest setting (thresholds calibrated to budgets
 for confidence / entropy / learned, patience 1..K-1) whose validation accuracy drop against the
@@ -89,6 +90,9 @@ class BertBenchConfig:
     quick: bool = False
     train_limit: int | None = 12000
     val_size: int = 2000
+    # validation rows: "sentences" = complete training sentences (rows no other row contains, as
+    # dev's are), "long" = any training row of >= val_min_words words (the rule before session 9)
+    val_rows: str = "sentences"
     val_min_words: int = 10
     dev_limit: int | None = None
     max_length: int = 64
@@ -141,6 +145,10 @@ class BertBenchConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"BertBenchConfig.{name}: expected None or an int >= 1, got {v!r}")
+        if self.val_rows not in ("sentences", "long"):
+            raise ValueError(
+                f"BertBenchConfig.val_rows: expected 'sentences' or 'long', got {self.val_rows!r}"
+            )
         bad = set(self.recipes) - set(BENCH_RECIPES)
         if bad or not self.recipes:
             raise ValueError(
@@ -153,30 +161,55 @@ def _log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ data
+def complete_sentences(texts: list[str]) -> list[bool]:
+    """For a phrase-level table (SST-2's train: every sentence and the phrases of its parse tree),
+    True where the row is a complete sentence: no other row contains it as a run of whole words."""
+    norm = [" ".join(t.split()) for t in texts]
+    rows, inside = set(norm), set()
+    for t in norm:
+        w = t.split()
+        n = len(w)
+        for i in range(n):
+            for j in range(i + 1, n + 1 if i else n):  # every proper run of words
+                sub = " ".join(w[i:j])
+                if sub in rows:
+                    inside.add(sub)
+    return [t not in inside for t in norm]
+
+
 def split_validation(
-    texts: list[str], val_size: int, min_words: int, seed: int
+    texts: list[str], val_size: int, min_words: int, seed: int, *, sentences: bool = False
 ) -> tuple[list[int], list[int]]:
     """(validation rows, remaining training rows in seeded random order) of a phrase-level table.
 
-    Validation: random rows with >= min_words words. Left out of training: every row that occurs
-    inside a validation row (its phrases) or contains one (the sentence it came from).
+    Validation: random rows with >= min_words words; with `sentences`, random complete sentences
+    (rows no other row contains, `complete_sentences`) of any length, which are distributed like
+    SST-2's dev set (full sentences). Left out of training: every row that occurs inside a
+    validation row (its phrases) or contains one (the sentence it came from).
     """
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(texts), generator=gen).tolist()
-    val = [i for i in perm if len(texts[i].split()) >= min_words][:val_size]
-    if not val:
-        raise ValueError(f"no training row has >= {min_words} words to serve as validation")
+    if sentences:
+        complete = complete_sentences(texts)
+        val = [i for i in perm if complete[i]][:val_size]
+        if not val:
+            raise ValueError("no training row is a complete sentence (every row lies inside another)")
+    else:
+        val = [i for i in perm if len(texts[i].split()) >= min_words][:val_size]
+        if not val:
+            raise ValueError(f"no training row has >= {min_words} words to serve as validation")
+    norm = [" ".join(t.split()) for t in texts]  # words compared, whatever the spacing
     val_set = set(val)
-    val_blob = "\n".join(f" {texts[i]} " for i in val)
-    excluded = {i for i, t in enumerate(texts) if i not in val_set and f" {t} " in val_blob}
+    val_blob = "\n".join(f" {norm[i]} " for i in val)
+    excluded = {i for i, t in enumerate(norm) if i not in val_set and f" {t} " in val_blob}
     blob, starts, pos = [], [], 0  # all rows, to find the ones that contain a validation row
-    for t in texts:
+    for t in norm:
         starts.append(pos)
         blob.append(f" {t} ")
         pos += len(t) + 3
     all_rows = "\n".join(blob)
     for i in val:
-        needle, at = f" {texts[i]} ", 0
+        needle, at = f" {norm[i]} ", 0
         while (at := all_rows.find(needle, at)) != -1:
             excluded.add(bisect.bisect_right(starts, at) - 1)
             at += 1
@@ -305,7 +338,9 @@ def run(
     # 1. data: validation carved from train, a seeded training subset, dev as the test set
     full = load_text_table(folder / "train.tsv")
     dev_t = load_text_table(folder / "dev.tsv", labels=full.classes)
-    val_idx, train_idx = split_validation(full.texts, cfg.val_size, cfg.val_min_words, cfg.seed)
+    val_idx, train_idx = split_validation(
+        full.texts, cfg.val_size, cfg.val_min_words, cfg.seed, sentences=cfg.val_rows == "sentences"
+    )
     train_idx = train_idx[: cfg.train_limit] if cfg.train_limit else train_idx
     if cfg.dev_limit:
         dev_t = _subset(dev_t, list(range(min(cfg.dev_limit, len(dev_t)))))
@@ -337,7 +372,7 @@ def run(
         data_id,
         cfg.train_limit,
         cfg.val_size,
-        cfg.val_min_words,
+        cfg.val_min_words if cfg.val_rows == "long" else "sentences",
         cfg.seed,
         max_length,
         cfg.exit_pooling,
@@ -543,6 +578,11 @@ def run(
         "layers": K,
     }
     operating = {"speedup": timing["b32"]["speedup"], "accuracy": dynamic_acc}
+    val_what = (
+        "complete training sentences (rows no other row contains, as dev's sentences)"
+        if cfg.val_rows == "sentences"
+        else f"training rows of >= {cfg.val_min_words} words"
+    )
     result = {
         "benchmark": "dynamic_bert_sst2",
         "quick": cfg.quick,
@@ -556,8 +596,8 @@ def run(
             "note": (
                 f"trained on a seeded random subset of {len(train)} of SST-2's {len(full)} training rows "
                 f"({cfg.epochs} epoch(s), max_length {max_length}) to fit a 2-core CPU budget; "
-                f"validation = {len(val)} training rows of >= {cfg.val_min_words} words (their phrases "
-                f"left out of training); test = SST-2 dev ({len(dev)} sentences)"
+                f"validation = {len(val)} {val_what} (their phrases left out of training); "
+                f"test = SST-2 dev ({len(dev)} sentences)"
             ),
         },
         "static_acc": static_acc,

@@ -98,6 +98,11 @@ def check_against_reference(model, x, policy, ref, learned=None) -> torch.Tensor
     assert torch.equal(out.exit_index, want)
     chosen = torch.stack([ref[k][i] for i, k in enumerate(want.tolist())])
     torch.testing.assert_close(out.logits, chosen, atol=1e-5, rtol=1e-5)
+    for i in range(x.shape[0]):  # the batch-1 path's FLOPs and decisions, bit-equal to the batch rules'
+        one = model(x[i : i + 1], policy=policy)  # (its exit may differ at a near-tie threshold)
+        want_flops = model.sample_flops(model.lengths(x[i : i + 1]), one.exit_index, policy.needs_learned)
+        assert torch.equal(one.flops, want_flops)
+        assert one.decisions["exit_layer"].tolist() == [model._kept[int(one.exit_index)]]
     return out.exit_index
 
 

@@ -115,7 +115,7 @@ class BertBenchConfig:
     dynabert_lr: float = 5e-5
     widths: tuple[float, ...] | None = None  # default: dynabert.WIDTHS
     depths: tuple[float, ...] | None = None  # default: dynabert.DEPTHS
-    b1_samples: int = 300
+    b1_samples: int | None = None  # default: all of dev (as for the accuracy and FLOPs reported)
     b32_samples: int | None = None  # default: all of dev
     curve_samples: int = 320
     grid_samples: int = 256
@@ -134,14 +134,14 @@ class BertBenchConfig:
             self.max_length = min(self.max_length, 48)
             self.epochs = min(self.epochs, 1)
             self.dynabert_limit = min(self.dynabert_limit, 128)
-            self.b1_samples = min(self.b1_samples, 32)
+            self.b1_samples = min(self.b1_samples or 32, 32)
             self.curve_samples = min(self.curve_samples, 32)
             self.grid_samples = min(self.grid_samples, 64)
             self.rounds = min(self.rounds, 3)
         je = self.joint_epochs
         if isinstance(je, bool) or not isinstance(je, int) or je < 1:
             raise ValueError(f"BertBenchConfig.joint_epochs: expected an int >= 1, got {self.joint_epochs!r}")
-        for name in ("train_limit", "dev_limit", "b32_samples"):
+        for name in ("train_limit", "dev_limit", "b1_samples", "b32_samples"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"BertBenchConfig.{name}: expected None or an int >= 1, got {v!r}")
@@ -509,7 +509,7 @@ def run(
 
     # 5. wall-clock: static and dynamic alternating on the same batches
     n32 = min(cfg.b32_samples or len(dev), len(dev))
-    n1 = min(cfg.b1_samples, len(dev))
+    n1 = min(cfg.b1_samples or len(dev), len(dev))
     timing = {}
     for name, batches in (
         ("b32", text_batches(dyn, dev.x[:n32], 32)),

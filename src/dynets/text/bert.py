@@ -387,6 +387,20 @@ class DynamicBert(nn.Module):
         costs = self.exit_costs(lengths, learned)
         return costs.gather(1, exit_index.cpu()[:, None]).squeeze(1).to(exit_index.device)
 
+    def _single_flops(self, length: int, k: int, learned: bool, device: torch.device) -> torch.Tensor:
+        """`sample_flops` of one sample that left at exit k, in Python floats (the batch-1 path): the
+        same float64 operations in the same order as exit_costs, so the same value, without the
+        dozen tensor ops that would cost more than an exit decision."""
+        u, K, L = self.unit_costs(), self.num_exits, float(length)
+
+        def at(c: LengthCost) -> float:  # LengthCost.__call__ for one length
+            return float(c.constant) + float(c.linear) * L + float(c.quadratic) * L * L
+
+        cost = at(u["embeddings"]) + float(k + 1) * (at(self.layer_cost()) + at(u["head"]))
+        if learned and len(self.exit_predictors):
+            cost = cost + float(min(k + 1, K - 1)) * float(u["predictor"])
+        return torch.tensor([cost], dtype=torch.float64, device=device)
+
     def full_cost(self, lengths: torch.Tensor) -> torch.Tensor:
         """(B,) float64 FLOPs of the static path of the current sub-network: its layers, last head only."""
         u = self.unit_costs()
@@ -599,8 +613,9 @@ class DynamicBert(nn.Module):
                 if not stop:
                     continue
             exit_index = torch.tensor([k], device=x.device)
-            flops = self.sample_flops(lengths, exit_index, policy.needs_learned)
-            return DynamicOutput(logits, exit_index, flops, None, self._decisions(exit_index))
+            flops = self._single_flops(int(lengths[0]), k, policy.needs_learned, x.device)
+            decisions = {"exit_layer": torch.tensor([i], device=x.device)}
+            return DynamicOutput(logits, exit_index, flops, None, decisions)
         raise RuntimeError("unreachable: the last exit always stops")
 
 

@@ -372,12 +372,15 @@ class DynamicBert(nn.Module):
 
     def exit_costs(self, lengths: torch.Tensor, learned: bool = False) -> torch.Tensor:
         """(B, K) float64: FLOPs sample b spends if it leaves at exit k of the current sub-network."""
-        u, K, lengths = self.unit_costs(), self.num_exits, lengths.cpu()
-        n = torch.arange(1, K + 1, dtype=torch.float64)  # layers and heads run up to exit k
-        per = self.layer_cost()(lengths)[:, None] + u["head"](lengths)[:, None]  # (B, 1)
-        cost = u["embeddings"](lengths)[:, None] + n * per  # (B, K)
+        n = torch.arange(1, self.num_exits + 1, dtype=torch.float64)  # layers and heads run up to exit k
+        return self._cost_upto(lengths.cpu()[:, None], n, n.clamp(max=self.num_exits - 1), learned)
+
+    def _cost_upto(self, L: Any, n: Any, n_predictors: Any, learned: bool) -> Any:
+        """FLOPs of `n` layers and exit heads at length L (tensors that broadcast, or Python numbers)."""
+        u = self.unit_costs()
+        cost = u["embeddings"](L) + n * (self.layer_cost()(L) + u["head"](L))
         if learned and len(self.exit_predictors):
-            cost = cost + n.clamp(max=K - 1) * float(u["predictor"])
+            cost = cost + n_predictors * float(u["predictor"])
         return cost
 
     def sample_flops(
@@ -386,20 +389,6 @@ class DynamicBert(nn.Module):
         """(B,) float64 FLOPs of each sample given where it exited."""
         costs = self.exit_costs(lengths, learned)
         return costs.gather(1, exit_index.cpu()[:, None]).squeeze(1).to(exit_index.device)
-
-    def _single_flops(self, length: int, k: int, learned: bool, device: torch.device) -> torch.Tensor:
-        """`sample_flops` of one sample that left at exit k, in Python floats (the batch-1 path): the
-        same float64 operations in the same order as exit_costs, so the same value, without the
-        dozen tensor ops that would cost more than an exit decision."""
-        u, K, L = self.unit_costs(), self.num_exits, float(length)
-
-        def at(c: LengthCost) -> float:  # LengthCost.__call__ for one length
-            return float(c.constant) + float(c.linear) * L + float(c.quadratic) * L * L
-
-        cost = at(u["embeddings"]) + float(k + 1) * (at(self.layer_cost()) + at(u["head"]))
-        if learned and len(self.exit_predictors):
-            cost = cost + float(min(k + 1, K - 1)) * float(u["predictor"])
-        return torch.tensor([cost], dtype=torch.float64, device=device)
 
     def full_cost(self, lengths: torch.Tensor) -> torch.Tensor:
         """(B,) float64 FLOPs of the static path of the current sub-network: its layers, last head only."""
@@ -613,7 +602,10 @@ class DynamicBert(nn.Module):
                 if not stop:
                     continue
             exit_index = torch.tensor([k], device=x.device)
-            flops = self._single_flops(int(lengths[0]), k, policy.needs_learned, x.device)
+            # sample_flops by Python floats (the same float64 operations): no dozen tensor ops per sentence
+            n = float(k + 1)
+            cost = self._cost_upto(int(lengths[0]), n, min(n, K - 1.0), policy.needs_learned)
+            flops = torch.tensor([cost], dtype=torch.float64, device=x.device)
             decisions = {"exit_layer": torch.tensor([i], device=x.device)}
             return DynamicOutput(logits, exit_index, flops, None, decisions)
         raise RuntimeError("unreachable: the last exit always stops")

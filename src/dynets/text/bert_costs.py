@@ -44,9 +44,10 @@ class LengthCost:
         v = self.constant + self.linear * length + self.quadratic * length * length
         return int(v) if v.denominator == 1 else float(v)
 
-    def __call__(self, lengths: torch.Tensor) -> torch.Tensor:
-        """(B,) lengths -> (B,) float64 FLOPs (exact for integral coefficients below 2**53)."""
-        L = lengths.to(torch.float64)
+    def __call__(self, lengths: torch.Tensor | float) -> torch.Tensor | float:
+        """lengths (any shape) -> float64 FLOPs of that shape (exact for integral coefficients below
+        2**53); a Python number gives a Python float by the same float64 operations."""
+        L = lengths.to(torch.float64) if isinstance(lengths, torch.Tensor) else float(lengths)
         return float(self.constant) + float(self.linear) * L + float(self.quadratic) * L * L
 
 

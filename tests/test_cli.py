@@ -115,13 +115,17 @@ def test_calibrate_sets_policy(run_dir, tmp_path, capsys):
     assert load(dest).policy.kind in ("confidence", "entropy", "learned")
 
 
-def test_bench_quick_json(tmp_path, capsys):
+@pytest.mark.parametrize("recipe", ["frozen", "finetune"])
+def test_bench_quick_json(tmp_path, capsys, recipe):
     path = tmp_path / "b.json"
     assert (
         main(
             [
                 "bench",
                 "early-exit",
+                "--recipe",
+                recipe,
+                *(["--finetune-epochs", "1"] if recipe == "finetune" else []),
                 "--data",
                 "digits",
                 "--quick",
@@ -148,6 +152,13 @@ def test_bench_quick_json(tmp_path, capsys):
     for k in HEADLINE_KEYS:
         assert isinstance(r[k], float)
     assert (tmp_path / "b_pareto.png").exists() and (tmp_path / "b.md").exists()
+    # The static baseline gets the training the early-exit backbone got: with "finetune", its own
+    # fine-tune too, so its accuracy differs from the model it started from.
+    if recipe == "finetune":
+        assert r["static_training"] == "1 epochs at lr 0.1, then 1 at lr 0.01"
+        assert isinstance(r["static_acc_before_finetune"], float)
+    else:
+        assert r["static_training"] == "1 epochs at lr 0.1" and r["static_acc_before_finetune"] is None
 
 
 def test_demo(tmp_path, capsys):

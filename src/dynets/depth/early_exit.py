@@ -219,22 +219,17 @@ class EarlyExitNetwork(nn.Module):
     inference_only: bool = False
 
     def optimize_for_inference(self) -> EarlyExitNetwork:
-        """An inference-only copy: BatchNorm folded into the preceding convs (torch.fx) and NHWC
+        """An inference-only copy: BatchNorm folded into the preceding convs and the common layers
+        called as functions (torch.fx, `dynets.core.inference.fold_and_lower`), and NHWC
         (channels_last) tensors, which run small convolutions much faster on CPU. Outputs and
         per-sample FLOPs are those of the original (up to float rounding). Apply it to the static
         baseline too when comparing speed, so both sides get the same treatment."""
-        from torch.fx.experimental.optimization import fuse
-
-        def try_fuse(mod: nn.Module) -> nn.Module:
-            try:
-                return fuse(mod)
-            except Exception:  # not traceable by torch.fx (e.g. list-valued features): keep as is
-                return mod
+        from dynets.core.inference import fold_and_lower
 
         self.unit_costs()  # measured on the original modules, kept by the copy
         fast = copy.deepcopy(self).eval()
-        fast.stages = nn.ModuleList(try_fuse(s) for s in fast.stages)
-        fast.heads = nn.ModuleList(try_fuse(h) for h in fast.heads)
+        fast.stages = nn.ModuleList(fold_and_lower(s) for s in fast.stages)
+        fast.heads = nn.ModuleList(fold_and_lower(h) for h in fast.heads)
         fast.to(memory_format=torch.channels_last)
         fast.inference_only = True
         return fast

@@ -1,0 +1,97 @@
+"""Inference-only graph rewrites with torch.fx: fold BatchNorm into convolutions, then call the
+common layers as functions instead of submodules.
+
+At batch 1 on a CPU most of a small layer's time is fixed overhead rather than arithmetic, and an
+`nn.Module` call adds its own (hooks, `__call__` dispatch) on top of the operator's. A conv exit head
+(conv, ReLU, pool, flatten, linear) spends more time in that overhead than in its FLOPs, which is
+time an early-exit network pays and its static twin does not. `lower_to_functional` rewrites a
+traced graph so that Conv2d / Linear / ReLU / AdaptiveAvgPool2d(1) / Flatten become direct calls
+of `torch` functions on the same parameters (pool + flatten become one mean), with the same
+results. Modules it does not know stay module calls; graphs torch.fx cannot trace stay as they were.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+__all__ = ["fold_and_lower", "lower_to_functional"]
+
+
+def _functional_call(g: fx.Graph, node: fx.Node, mod: nn.Module) -> fx.Node | None:
+    """The function-call node that replaces `node` (a call of `mod`), or None to keep it."""
+    x = node.args[0] if node.args else None
+    if len(node.args) != 1 or node.kwargs:
+        return None
+
+    def attr(name: str) -> fx.Node:
+        return g.get_attr(f"{node.target}.{name}")
+
+    if isinstance(mod, nn.Conv2d):
+        if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+            return None
+        bias = attr("bias") if mod.bias is not None else None
+        args = (x, attr("weight"), bias, mod.stride, mod.padding, mod.dilation, mod.groups)
+        return g.call_function(F.conv2d, args)
+    if isinstance(mod, nn.Linear):
+        return g.call_function(F.linear, (x, attr("weight"), attr("bias") if mod.bias is not None else None))
+    if isinstance(mod, nn.ReLU):
+        return g.call_function(torch.relu_ if mod.inplace else torch.relu, (x,))
+    if isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size in (1, (1, 1)):
+        return g.call_function(torch.mean, (x, (-2, -1)), {"keepdim": True})
+    if isinstance(mod, nn.Flatten):
+        return g.call_function(torch.flatten, (x, mod.start_dim, mod.end_dim))
+    return None
+
+
+def lower_to_functional(gm: nn.Module) -> nn.Module:
+    """Rewrite a `torch.fx.GraphModule` in place (see the module docstring); other modules are
+    returned unchanged. Parameters stay where they were, so the result computes the same values."""
+    if not isinstance(gm, fx.GraphModule):
+        return gm
+    g = gm.graph
+    for node in list(g.nodes):
+        if node.op != "call_module":
+            continue
+        with g.inserting_before(node):
+            new = _functional_call(g, node, gm.get_submodule(node.target))
+        if new is None:
+            continue
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+    # Peephole: a pooled (B, C, 1, 1) map flattened from dim 1 -> one mean over dims 2 and 3 (a 4-D
+    # map, as AdaptiveAvgPool2d + Flatten(1) in a batched model always sees).
+    for node in list(g.nodes):
+        if node.op == "call_function" and node.target is torch.flatten and node.args[1:] == (1, -1):
+            src = node.args[0]
+            if (
+                isinstance(src, fx.Node)
+                and src.op == "call_function"
+                and src.target is torch.mean
+                and src.kwargs.get("keepdim")
+                and len(src.users) == 1
+            ):
+                with g.inserting_before(node):
+                    new = g.call_function(torch.mean, (src.args[0], (2, 3)))
+                node.replace_all_uses_with(new)
+                g.erase_node(node)
+                g.erase_node(src)
+    g.eliminate_dead_code()
+    g.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm
+
+
+def fold_and_lower(module: nn.Module) -> nn.Module:
+    """BatchNorm folded into the preceding convolutions (torch.fx's `fuse`, eval mode), then
+    `lower_to_functional`. A module torch.fx cannot trace (data-dependent control flow, list-valued
+    features) is returned as it was."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        traced = fuse(module)
+    except Exception:  # not traceable by torch.fx: keep as is
+        return module
+    return lower_to_functional(traced)

@@ -407,3 +407,25 @@ def test_ladder_round_trip_and_budget_levels(server_parts, tmp_path):
     with pytest.raises(ValueError, match="not a valid operating-point ladder"):
         (tmp_path / "bad.json").write_text("{}")
         Ladder.load(tmp_path / "bad.json")
+
+
+def test_a_served_early_exit_model_is_its_inference_copy(tmp_path):
+    """`dynets serve DIR` serves the model's optimize_for_inference copy (BatchNorm folded, NHWC):
+    the same exits and FLOPs as the saved model; --no-optimize (optimize=False) serves it as saved."""
+    from dynets.core.serialization import save
+    from dynets.serve import load_served_model
+    from dynets.serve.launch import build_server
+
+    m = tiny_model()
+    save(m, tmp_path / "ee")
+    fast = load_served_model(str(tmp_path / "ee"))
+    plain = load_served_model(str(tmp_path / "ee"), optimize=False)
+    assert fast.model.inference_only and not plain.model.inference_only
+    assert fast.describe()["optimized_for_inference"] and not plain.describe()["optimized_for_inference"]
+    x, _ = calibration_data(64)
+    a, b = plain.forward(x, m.policy), fast.forward(x, m.policy)
+    assert torch.equal(a.exit_index, b.exit_index) and torch.equal(a.flops, b.flops)
+    assert torch.allclose(a.logits, b.logits, atol=1e-4)
+    assert build_server(str(tmp_path / "ee"), ServeConfig(warmup=False)).served.model.inference_only
+    server = build_server(str(tmp_path / "ee"), ServeConfig(warmup=False, optimize=False))
+    assert not server.served.model.inference_only

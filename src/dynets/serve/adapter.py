@@ -47,8 +47,12 @@ def _shape_str(shape: Sequence[int]) -> str:
 class ServedModel:
     """A loaded dynamic model with the input handling and cost accounting a server needs."""
 
-    def __init__(self, model: nn.Module, *, name: str = "") -> None:
-        self.model = model.eval()
+    def __init__(self, model: nn.Module, *, name: str = "", optimize: bool = False) -> None:
+        """`optimize`: serve the model's `optimize_for_inference()` copy where it has one (the
+        same outputs up to float rounding, less time per batch)."""
+        model = model.eval()
+        self.optimized = bool(optimize and hasattr(model, "optimize_for_inference"))
+        self.model = model.optimize_for_inference() if self.optimized else model
         self.name = name or type(model).__name__
         self.architecture = type(model).__name__
         shape = getattr(model, "input_shape", None)
@@ -103,6 +107,7 @@ class ServedModel:
             "labels": self.labels,
             "operating_point_available": self.supports_policy,
             "num_exits": self.num_exits,
+            "optimized_for_inference": self.optimized,
         }
 
     # ------------------------------------------------------------------ parsing
@@ -283,9 +288,10 @@ class ServedModel:
         return torch.full((x.shape[0],), v, dtype=torch.float64) if math.isfinite(v) and v > 0 else None
 
 
-def load_served_model(directory: str, *, name: str = "") -> ServedModel:
-    """Load a saved model directory for serving; errors name the directory and what is wrong."""
+def load_served_model(directory: str, *, name: str = "", optimize: bool = True) -> ServedModel:
+    """Load a saved model directory for serving (its inference copy where it has one, unless
+    `optimize` is False); errors name the directory and what is wrong."""
     from dynets.core.serialization import load
 
     model = load(directory)
-    return ServedModel(model, name=name or str(directory))
+    return ServedModel(model, name=name or str(directory), optimize=optimize)

@@ -54,6 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         graceful_timeout_s=args.graceful_timeout_s,
         warmup=not args.no_warmup,
         log_level=args.log_level,
+        optimize=not args.no_optimize,
     )
     server = build_server(
         _model_dir(args.model_dir),
@@ -133,6 +134,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--graceful-timeout-s", type=float, default=10.0)
     s.add_argument("--log-level", default="warning")
     s.add_argument("--no-warmup", action="store_true")
+    s.add_argument(
+        "--no-optimize",
+        action="store_true",
+        help="serve the model as saved, not its inference copy (early exit: BatchNorm folded, NHWC)",
+    )
     s.add_argument("--threads", type=int, default=1, help="torch CPU threads of the inference worker")
     s.set_defaults(fn=cmd_serve)
 

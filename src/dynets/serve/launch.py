@@ -56,7 +56,7 @@ def build_server(
     calibration_limit: int | None = 2000,
 ) -> InferenceServer:
     """Load the model and its ladder: calibrated on data, else saved, else the model's own policy."""
-    served = load_served_model(model_dir)
+    served = load_served_model(model_dir, optimize=config.optimize)
     ladder = resolve_ladder(
         served,
         model_dir,

@@ -50,6 +50,9 @@ class ServeConfig:
     graceful_timeout_s: float = 10.0
     warmup: bool = True
     log_level: str = "warning"
+    # serve the model's inference copy where it has one (early-exit networks: BatchNorm folded,
+    # layers called as functions, NHWC; same outputs up to float rounding); False: as saved
+    optimize: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue < 1 or self.max_inputs_per_request < 1:

@@ -16,7 +16,7 @@ def _randomize_bn(m: nn.Module) -> None:
             bn.bias.data.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
 
 
-@pytest.mark.parametrize("kind", ["conv", "linear", "mlp"])
+@pytest.mark.parametrize("kind", ["conv", "conv2", "linear", "mlp"])
 def test_exit_heads_become_function_calls_with_the_same_outputs(kind):
     torch.manual_seed(0)
     head = make_head(HeadConfig(kind=kind), 16, 8, 10).eval()

@@ -129,10 +129,18 @@ def run(
     # Trained models are cached by what decides them, so the timing can be re-run on a quiet machine.
     tc_key = {k: v for k, v in tc.items() if k != "progress"}
     base = [cfg.data, cfg.train_limit, cfg.seed, kw, tc_key]
+    # The static model does not depend on the exits' settings, so runs that differ only there share it.
+    static_kw = {k: v for k, v in kw.items() if k not in ("head", "exits", "learned_exits")}
+    static_base = [cfg.data, cfg.train_limit, cfg.seed, static_kw, tc_key]
     cache = cache_dir() / "bench"
     name = f"early_exit_{cfg.data}"  # not the JSON name: runs writing elsewhere share trained models
     static = _trained(
-        cache / f"{name}-static-{_key(base)}", "static_resnet", kw, train_set, TrainConfig(**tc), cfg.seed
+        cache / f"{name}-static-{_key(static_base)}",
+        "static_resnet",
+        static_kw,
+        train_set,
+        TrainConfig(**tc),
+        cfg.seed,
     )
     static_before = static
     if cfg.recipe == "joint":
@@ -155,10 +163,10 @@ def run(
             # Like for like: the static baseline gets the same extra training as the early-exit
             # backbone (the same epochs at the same lr), only without exits.
             sft = [cfg.finetune_epochs, cfg.finetune_lr]
-            sft_path = cache / f"{name}-static_finetune-{_key(base + sft)}"
+            sft_path = cache / f"{name}-static_finetune-{_key(static_base + sft)}"
             sft_tc = TrainConfig(**{**tc, "epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr})
             static_before = static
-            static = _trained(sft_path, "static_resnet", kw, train_set, sft_tc, cfg.seed, start=static)
+            static = _trained(sft_path, "static_resnet", static_kw, train_set, sft_tc, cfg.seed, start=static)
     else:
         raise ValueError(f"recipe: expected 'joint', 'frozen' or 'finetune', got {cfg.recipe!r}")
 

@@ -2,7 +2,8 @@
 
 `linear`: global average pool + linear (cheapest). `conv`: one 3x3 conv (stride 2 while the map is
 at least 8x8) + BN + ReLU, then pool + linear, the Shallow-Deep Networks / MSDNet recipe that
-makes shallow exits far stronger for a small cost. `mlp`: pool + hidden layer + linear.
+makes shallow exits far stronger for a small cost. `conv2`: two such convs (the second at stride 1),
+as MSDNet's classifiers: stronger again, at several times the cost. `mlp`: pool + hidden layer + linear.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ from torch import nn
 
 @dataclass
 class HeadConfig:
-    kind: str = "conv"  # "linear" | "conv" | "mlp"
+    kind: str = "conv"  # "linear" | "conv" | "conv2" | "mlp"
     hidden: int = 0  # conv channels or MLP width; 0 = the stage's own channel count
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("linear", "conv", "mlp"):
-            raise ValueError(f"head kind: expected 'linear', 'conv' or 'mlp', got {self.kind!r}")
+        if self.kind not in ("linear", "conv", "conv2", "mlp"):
+            raise ValueError(f"head kind: expected 'linear', 'conv', 'conv2' or 'mlp', got {self.kind!r}")
         if self.hidden < 0:
             raise ValueError(f"head hidden: expected >= 0, got {self.hidden}")
 
@@ -41,10 +42,20 @@ def make_head(cfg: HeadConfig, channels: int, spatial: int, num_classes: int) ->
             nn.Linear(hidden, num_classes),
         )
     stride = 2 if spatial >= 8 else 1
+    second = (
+        [
+            nn.Conv2d(hidden, hidden, 3, padding=1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+        ]
+        if cfg.kind == "conv2"
+        else []
+    )
     return nn.Sequential(
         nn.Conv2d(channels, hidden, 3, stride=stride, padding=1, bias=False),
         nn.BatchNorm2d(hidden),
         nn.ReLU(inplace=True),
+        *second,
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         *drop,

@@ -165,7 +165,6 @@ def run(
             sft = [cfg.finetune_epochs, cfg.finetune_lr]
             sft_path = cache / f"{name}-static_finetune-{_key(static_base + sft)}"
             sft_tc = TrainConfig(**{**tc, "epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr})
-            static_before = static
             static = _trained(sft_path, "static_resnet", static_kw, train_set, sft_tc, cfg.seed, start=static)
     else:
         raise ValueError(f"recipe: expected 'joint', 'frozen' or 'finetune', got {cfg.recipe!r}")

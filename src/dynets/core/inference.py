@@ -21,9 +21,9 @@ __all__ = ["fold_and_lower", "lower_to_functional"]
 
 def _functional_call(g: fx.Graph, node: fx.Node, mod: nn.Module) -> fx.Node | None:
     """The function-call node that replaces `node` (a call of `mod`), or None to keep it."""
-    x = node.args[0] if node.args else None
     if len(node.args) != 1 or node.kwargs:
         return None
+    x = node.args[0]
 
     def attr(name: str) -> fx.Node:
         return g.get_attr(f"{node.target}.{name}")

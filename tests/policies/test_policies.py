@@ -114,11 +114,12 @@ def test_unknown_policy():
     assert isinstance(make_policy("patience", 2.0), PatiencePolicy)
 
 
+@pytest.mark.parametrize("scale", [3.0, 60.0])  # 60: softmax terms underflow to 0 in float32
 @pytest.mark.parametrize("num_classes", [2, 10, 100])
-def test_step_single_decides_as_step_does(num_classes):
+def test_step_single_decides_as_step_does(num_classes, scale):
     """The batch-1 decision (scalar maths for small class counts) equals the batched one."""
     torch.manual_seed(num_classes)
-    logits = torch.randn(200, num_classes) * 3
+    logits = torch.randn(200, num_classes) * scale
     learned = torch.rand(200)
     policies = [
         ConfidencePolicy([0.3, 0.6, 0.9]),
@@ -141,4 +142,7 @@ def test_step_single_decides_as_step_does(num_classes):
                     k, logits[i : i + 1], one_state, None if lg is None else lg[i : i + 1]
                 )
                 assert isinstance(one, bool) and one == bool(stop[i]), (policy, k, i)
+                if isinstance(policy, (ConfidencePolicy, EntropyPolicy)):  # the scores agree too
+                    ref = float(policy.score(logits[i : i + 1], None)[0])
+                    assert policy.score_single(logits[i : i + 1]) == pytest.approx(ref, abs=1e-5)
                 assert all(torch.equal(one_new[n], new[n][i : i + 1]) for n in new)

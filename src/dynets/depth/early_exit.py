@@ -393,23 +393,35 @@ class EarlyExitNetwork(nn.Module):
         return DynamicOutput(out, exit_index, costs.to(exit_index.device)[exit_index])
 
     def _run_single(self, x: torch.Tensor, policy: ExitPolicy, costs: torch.Tensor) -> DynamicOutput:
-        """Batch size 1: stop at the first exit the policy accepts, with no compaction at all."""
+        """Batch size 1: stop at the first exit the policy accepts, with no compaction at all.
+        Kept to as few Python operations as possible between the layers (see `_scalar_logits` in
+        dynets.policies.exit_policies): the stages run from a tuple in slices per exit."""
         state = policy.init_state(1, x.device)
         h: Features = self._prepare(x)
-        s, K = 0, self.num_exits
-        for k, last_stage in enumerate(self.exit_stages):
-            while s <= last_stage:
-                h = self.stages[s](h)
-                s += 1
-            logits = self.heads[k](h)
-            if k < K - 1:
-                learned = self.exit_predictors[k](logits) if policy.needs_learned else None
+        stages, heads = tuple(self.stages), tuple(self.heads)
+        last = len(heads) - 1
+        learned = None
+        for k, (first, end) in enumerate(self._stage_slices()):
+            for stage in stages[first:end]:
+                h = stage(h)
+            logits = heads[k](h)
+            if k < last:
+                if policy.needs_learned:
+                    learned = self.exit_predictors[k](logits)
                 stop, state = policy.step_single(k, logits, state, learned)
                 if not stop:
                     continue
             exit_index = torch.full((1,), k, dtype=torch.long, device=logits.device)
             return DynamicOutput(logits, exit_index, costs[k : k + 1].clone())
         raise RuntimeError("unreachable: the last exit always stops")
+
+    def _stage_slices(self) -> list[tuple[int, int]]:
+        """[(first, end)] stage indices run before each exit (from `exit_stages`, which is fixed)."""
+        slices = self.__dict__.get("_slices")
+        if slices is None:
+            starts = [0] + [s + 1 for s in self.exit_stages[:-1]]
+            slices = self.__dict__["_slices"] = [(a, s + 1) for a, s in zip(starts, self.exit_stages)]
+        return slices
 
     def forward_static(self, x: torch.Tensor) -> torch.Tensor:
         """The plain static path: every stage, final head only (no exit heads run)."""

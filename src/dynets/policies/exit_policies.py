@@ -22,16 +22,29 @@ State = dict[str, torch.Tensor]
 _SCALAR_CLASSES = 64  # up to this many classes, batch-1 decisions are computed on Python floats
 
 
-def _scalar_softmax(logits: torch.Tensor) -> list[float] | None:
-    """Softmax of one sample's logits (1, C) as Python floats, or None for more than
-    _SCALAR_CLASSES classes (then the tensor ops are cheaper)."""
+def _scalar_logits(logits: torch.Tensor) -> list[float] | None:
+    """One sample's logits (1, C) as Python floats, or None for more than _SCALAR_CLASSES classes
+    (then the tensor ops are cheaper). Callers keep the arithmetic to a pass or two: at batch 1 the
+    decision runs between convolutions that have just evicted the interpreter's working set from
+    the CPU caches, so every Python operation there costs several times its isolated time."""
     if logits.shape[-1] > _SCALAR_CLASSES:
         return None
-    z = logits[0].tolist()
+    return logits.tolist()[0]
+
+
+def _scalar_confidence(z: list[float]) -> float:
+    """max softmax = 1 / sum_i exp(z_i - max z)."""
     m = max(z)
-    e = [math.exp(v - m) for v in z]
+    return 1.0 / sum([math.exp(v - m) for v in z])
+
+
+def _scalar_entropy(z: list[float]) -> float:
+    """H(softmax(z)) in nats = log S - sum_i e_i (z_i - m) / S, with e_i = exp(z_i - m), S = sum e_i."""
+    m = max(z)
+    d = [v - m for v in z]
+    e = [math.exp(v) for v in d]
     total = sum(e)
-    return [v / total for v in e]
+    return math.log(total) - sum([a * b for a, b in zip(e, d)]) / total
 
 
 class ExitPolicy:
@@ -129,8 +142,8 @@ class ConfidencePolicy(ThresholdPolicy):
         return logits.float().softmax(dim=-1).amax(dim=-1)
 
     def score_single(self, logits, learned=None):
-        p = _scalar_softmax(logits)
-        return super().score_single(logits, learned) if p is None else max(p)
+        z = _scalar_logits(logits)
+        return super().score_single(logits, learned) if z is None else _scalar_confidence(z)
 
 
 class EntropyPolicy(ThresholdPolicy):
@@ -162,11 +175,10 @@ class EntropyPolicy(ThresholdPolicy):
         return self._entropy(logits) <= limit, state
 
     def step_single(self, k, logits, state, learned=None):
-        p = _scalar_softmax(logits)
-        if p is None:
+        z = _scalar_logits(logits)
+        if z is None:
             return super().step_single(k, logits, state, learned)
-        entropy = -sum(q * math.log(q) for q in p if q > 0)
-        return entropy <= self.threshold_at(k) * math.log(max(len(p), 2)), state
+        return _scalar_entropy(z) <= self.threshold_at(k) * math.log(max(len(z), 2)), state
 
 
 class LearnedPolicy(ThresholdPolicy):

@@ -1,6 +1,7 @@
 """Where the early-exit model's batch-1 and compaction time goes (issue 2 diagnostics).
 
-Uses the models cached by benchmarks/early_exit_cifar10.sh (run that first) and the CIFAR-10 test
+Uses the default-width models cached by the narrow run (its command is in benchmarks/early_exit_cifar10.sh;
+run that first) and the CIFAR-10 test
 images; 2 threads; every measurement alternates its variants over chunks of 20 images, 11 rounds.
 Writes benchmarks/results/profile_early_exit.{json,md}:
 

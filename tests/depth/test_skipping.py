@@ -231,3 +231,24 @@ def test_channels_last_gives_the_same_result(model, x):
     # NHWC convolutions round differently, which may flip a gate sitting right at the threshold
     assert (run == ref.decisions["blocks_run"]).float().mean() > 0.9
     torch.testing.assert_close(out.logits, _run_all_and_select(m, x, run), atol=1e-5, rtol=1e-5)
+
+
+def test_batch_one_path_runs_only_the_chosen_blocks(model, x):
+    batched = model(x, SkipPolicy(0.5))
+    calls = [0] * len(model.blocks)
+    hooks = [
+        b.register_forward_hook(lambda m, inp, o, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, b in enumerate(model.blocks)
+    ]
+    try:
+        for i in range(0, 24, 3):
+            calls[:] = [0] * len(model.blocks)
+            one = model(x[i : i + 1], SkipPolicy(0.5))
+            run = one.decisions["blocks_run"][0].tolist()
+            assert run == batched.decisions["blocks_run"][i].tolist()
+            it = iter(run)
+            assert calls == [int(next(it)) if g else 1 for g in model.gated]
+            assert float(one.flops[0]) == float(batched.flops[i])
+    finally:
+        for h in hooks:
+            h.remove()

@@ -303,6 +303,8 @@ class SkipNetwork(nn.Module):
                 flops=torch.zeros(0, dtype=torch.float64),
                 decisions={"blocks_run": torch.zeros(0, G, dtype=torch.bool)},
             )
+        if B == 1 and not record:
+            return self._run_single(x, policy)
         blocks_run = torch.zeros(B, G, dtype=torch.bool)
         probs = torch.zeros(B, G) if record else None
         h = self.stem(x)
@@ -329,6 +331,26 @@ class SkipNetwork(nn.Module):
         rec = {"gate_probs": probs} if record else None
         return DynamicOutput(
             logits, flops=self.flops_of(blocks_run), record=rec, decisions={"blocks_run": blocks_run}
+        )
+
+    def _run_single(self, x: torch.Tensor, policy: SkipPolicy) -> DynamicOutput:
+        """Batch size 1: each gate's decision as a Python bool, a skipped block is simply not
+        called, and nothing is written in place (a few Python operations per gate instead of a
+        chain of tensor ops, each of which costs ~10 us of fixed overhead at batch 1)."""
+        h = self.stem(x)
+        run: list[bool] = []
+        gates = tuple(self.gates)
+        for block, gated in zip(self.blocks, self.gated):
+            if gated:
+                gi = len(run)
+                p = float(torch.sigmoid(gates[gi](h).float()))  # the batched path's float32 maths
+                run.append(p >= policy.threshold_at(gi))
+                if not run[-1]:
+                    continue
+            h = block(h)
+        blocks_run = torch.tensor([run], dtype=torch.bool).reshape(1, len(run))
+        return DynamicOutput(
+            self.head(h), flops=self.flops_of(blocks_run), decisions={"blocks_run": blocks_run}
         )
 
     def forward_static(self, x: torch.Tensor) -> torch.Tensor:

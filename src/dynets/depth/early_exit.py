@@ -350,7 +350,7 @@ class EarlyExitNetwork(nn.Module):
         # queues[k]: pending (features, input positions, policy state) waiting for exit k's stages
         queues: list[list[tuple[Features, torch.Tensor, dict]]] = [[] for _ in range(K)]
         counts = [0] * K
-        first_stage = [0] + [s + 1 for s in self.exit_stages[:-1]]
+        slices = self._stage_slices()
 
         def run_level(k: int, flush: bool) -> None:
             while counts[k] >= batch_size or (flush and counts[k] > 0):
@@ -359,7 +359,7 @@ class EarlyExitNetwork(nn.Module):
                 idx = torch.cat([p[1] for p in parts])
                 state = {name: torch.cat([p[2][name] for p in parts]) for name in parts[0][2]}
                 counts[k] -= n
-                for s in range(first_stage[k], self.exit_stages[k] + 1):
+                for s in range(*slices[k]):
                     h = self.stages[s](h)
                 logits = self.heads[k](h)
                 if k == K - 1:

@@ -4,6 +4,8 @@
 # baselines of lower cost (narrower, shallower), skip_resnet fine-tuned from the static model with
 # the budget loss, and slimmable_resnet fine-tuned with the sandwich rule; thresholds calibrated on
 # validation, everything reported on test, wall-clock vs the static model at batch 1 and 64.
+# Every static model then trains the skip fine-tune's 6 extra epochs too (like for like), and each
+# calibrated budget is compared with the best static model (or mix of two) of at most its time.
 # Writes benchmarks/results/skip_width_cifar10.{json,md} and _pareto.png.
 # Training takes roughly 1.5 hours on 2 quiet CPU cores (the slimmable net's sandwich steps cost
 # about 3x a static step); trained models are cached in ~/.cache/dynets/bench, so a re-run only

@@ -252,3 +252,30 @@ def test_batch_one_path_runs_only_the_chosen_blocks(model, x):
     finally:
         for h in hooks:
             h.remove()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_one_gate_logit_equals_the_gate(model, x, channels_last):
+    m = create_model("skip_resnet", **SMALL).eval()
+    m.load_state_dict(model.state_dict())
+    xs = x[:4]
+    if channels_last:
+        m.to(memory_format=torch.channels_last)
+        xs = xs.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for i in range(4):
+            h, gates = m.stem(xs[i : i + 1]), iter(m.gates)
+            for block, gated in zip(m.blocks, m.gated):
+                if gated:  # every gate, on the features it sees (each stage's channels and size)
+                    gate = next(gates)
+                    assert gate.logit_one(h) == pytest.approx(float(gate(h)), abs=1e-5)
+                h = block(h)
+            # the cached tiled weight follows the weights when they change
+            gate, h = m.gates[0], m.stem(xs[i : i + 1])
+            before, b0 = gate.logit_one(h), float(gate.net[-1].bias)
+            gate.net[-1].bias.add_(1.0)
+            gate.net[-1].weight.mul_(2.0)
+            assert gate.logit_one(h) == pytest.approx(2 * before - b0 + 1.0, abs=1e-4)
+            gate.net[-1].weight.div_(2.0)
+            gate.net[-1].bias.sub_(1.0)
+            assert gate.logit_one(h) == pytest.approx(before, abs=1e-5)

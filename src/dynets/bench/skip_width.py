@@ -4,6 +4,8 @@ Models (trained once, cached in ~/.cache/dynets/bench by what decides them):
   - static_resnet: the static backbone, trained exactly as the early-exit benchmark trains it, so a
     model that benchmark already trained is reused;
   - static baselines of lower cost (narrower widths, fewer blocks), trained the same way;
+  - then every static model trained the skip model's extra epochs at its lr (`baseline_finetune`),
+    so no model has trained longer than the static ones it is compared with;
   - skip_resnet: gates before every non-downsampling block, fine-tuned from the static model with
     the budget loss ("finetune"), or trained from scratch ("scratch");
   - slimmable_resnet: one set of weights at widths 0.25-1.0, sandwich rule, started from the static
@@ -11,8 +13,10 @@ Models (trained once, cached in ~/.cache/dynets/bench by what decides them):
 Reported on the test split: accuracy vs mean FLOPs (threshold sweep for skipping; fixed widths and
 the width chooser at many budgets), thresholds calibrated on validation to the budgets, images/s of
 each dynamic model against the static one at batch 1 and 64 (alternating, medians, 2 threads), and
-the static baselines' accuracy and speed, so "more accurate than a static model of equal time" can
-be read off. Writes JSON + Markdown + a Pareto PNG.
+the static baselines' accuracy and speed. Each calibrated budget is timed and compared with the
+best static model, or mix of two, that runs in at most its time (`static_at_time`), at batch 1 and
+64. `backbone` ({"blocks": [5, 5, 5]}: a deeper ResNet behind the gates) and `parts` (skip, slim)
+select other experiments. Writes JSON + Markdown + a Pareto PNG.
 
 `python -m dynets.bench.skip_width --quick --json /tmp/sw.json` runs a reduced version (minutes).
 """
@@ -59,8 +63,19 @@ class SkipWidthBenchConfig:
     slim_epochs: int = 6
     slim_lr: float = 0.05
     baseline_epochs: int = 12
+    # Like for like: every static model (the backbone and the cheaper baselines) is then trained for
+    # the skip model's extra epochs at its lr, so each has seen as many epochs as the dynamic models
+    # (False: the static models keep their first training only, as in runs before session 12)
+    baseline_finetune: bool = True
+    # model settings of the backbone, the skip and the slimmable model (e.g. {"blocks": [5, 5, 5]});
+    # empty: the zoo's default ResNet. The baselines' settings apply to the default ResNet.
+    backbone: dict = field(default_factory=dict)
+    parts: tuple[str, ...] = ("skip", "slim")
     baselines: dict = field(
-        default_factory=lambda: {"narrow": {"widths": [24, 48, 96]}, "shallow": {"blocks": [2, 2, 2]}}
+        default_factory=lambda: {
+            "narrow": {"widths": [24, 48, 96]},
+            "shallow": {"blocks": [2, 2, 2]},
+        }
     )
     budgets: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8)  # fractions of the static model's FLOPs
     operating_budget: float = 0.6
@@ -92,6 +107,9 @@ class SkipWidthBenchConfig:
             self.rounds = min(self.rounds, 3)
             self.calib_iters = min(self.calib_iters, 8)
             self.skip_sweep_points = min(self.skip_sweep_points, 5)
+        bad = [p for p in self.parts if p not in ("skip", "slim")]
+        if bad or not self.parts:
+            raise ValueError(f"parts: expected a non-empty subset of ('skip', 'slim'), got {self.parts!r}")
         for name in ("skip_recipe", "slim_recipe"):
             if getattr(self, name) not in ("finetune", "scratch"):
                 raise ValueError(f"{name}: expected 'finetune' or 'scratch', got {getattr(self, name)!r}")
@@ -127,16 +145,27 @@ def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(-1) == y).double().mean())
 
 
-def _static_at_time(statics: list[dict], speedup: float) -> float | None:
-    """The static models' accuracy-vs-speed-up curve at `speedup` (linear between points; the
-    slowest static model's accuracy below its speed, None above the fastest one's)."""
-    pts = sorted((s["speedup_b64"], s["accuracy"]) for s in statics)
-    if speedup <= pts[0][0]:  # slower than the slowest static model: compare with that one
-        return pts[0][1]
-    for (s0, a0), (s1, a1) in zip(pts, pts[1:]):
-        if s0 <= speedup <= s1:
-            return a0 + (a1 - a0) * (speedup - s0) / max(s1 - s0, 1e-12)
-    return None
+def static_at_time(statics: list[tuple[float, float]], speedup: float) -> float | None:
+    """The best accuracy the static models reach in at most the time of a model with `speedup`.
+
+    `statics`: (speed-up, accuracy) of each static model, speed-ups against the same reference.
+    Any static model at least as fast counts, and so does any mix of two of them (a share of the
+    inputs sent to each: time and accuracy are then the shares' averages, linear in time per
+    input = 1 / speed-up), so the answer is the upper hull of the static points in (time,
+    accuracy), taken at time 1 / speedup. None when every static model is slower."""
+    if speedup <= 0:
+        raise ValueError(f"speedup: expected a positive number, got {speedup!r}")
+    pts = [(1.0 / s, a) for s, a in statics]
+    tau = 1.0 / speedup
+    best = None
+    for t0, a0 in pts:
+        if t0 > tau * (1 + 1e-12):
+            continue
+        best = a0 if best is None else max(best, a0)
+        for t1, a1 in pts:  # mix a faster model (t0 <= tau) with a slower one (t1 > tau)
+            if t1 > tau:
+                best = max(best, a0 + (a1 - a0) * (tau - t0) / (t1 - t0))
+    return best
 
 
 def run(
@@ -173,47 +202,74 @@ def run(
     base = [cfg.data, cfg.train_limit, cfg.seed, kw, tc_key]
     cache = cache_dir() / "bench"
 
-    # 1. models: the static backbone shares the early-exit benchmark's cache entry
-    static = _trained(
-        cache / f"early_exit_{cfg.data}-static-{_key(base)}",
-        "static_resnet",
-        kw,
-        train_set,
-        TrainConfig(**tc),
-        cfg.seed,
-    )
+    # 1. models. A static model is trained `epochs`, then (baseline_finetune) the skip model's extra
+    #    epochs; the default layout shares the early-exit benchmark's cache entry.
+    ft_tc = TrainConfig(**{**tc, "epochs": cfg.skip_epochs, "lr": cfg.skip_lr})
+    ft = [cfg.skip_epochs, cfg.skip_lr]
+    first_acc: dict[str, float] = {}
+
+    def static_pair(label: str, mkw: dict, epochs: int):
+        """(first training, model after the fine-tune); the default layout (mkw empty) is cached
+        under the same names whether it is the backbone or a baseline."""
+        mk = {**kw, **mkw}
+        if mkw:
+            stem = f"skip_width_{cfg.data}-static_{label}"
+            first_path = cache / f"{stem}-{_key(base + [mk, epochs])}"
+            ft_path = cache / f"{stem}_finetune-{_key(base + [mk, epochs] + ft)}"
+        else:  # the zoo's default ResNet
+            first_path = cache / f"early_exit_{cfg.data}-static-{_key(base)}"
+            ft_path = cache / f"skip_width_{cfg.data}-static_finetune-{_key(base + ft)}"
+        first = _trained(
+            first_path, "static_resnet", mk, train_set, TrainConfig(**{**tc, "epochs": epochs}), cfg.seed
+        )
+        if not cfg.baseline_finetune:
+            return first, first
+        first_acc[label] = _acc(_static_logits(first.eval(), test_set.x), test_set.y)
+        return first, _trained(ft_path, "static_resnet", mk, train_set, ft_tc, cfg.seed, start=first)
+
+    static_first, static = static_pair("backbone" if cfg.backbone else "static", cfg.backbone, cfg.epochs)
+    if cfg.backbone:
+        first_acc["static"] = first_acc.pop("backbone", None)
     baselines = {}
     for name, mkw in cfg.baselines.items():
-        btc = TrainConfig(**{**tc, "epochs": cfg.baseline_epochs})
-        bkw = {**kw, **mkw}
-        path = cache / f"skip_width_{cfg.data}-static_{name}-{_key(base + [bkw, cfg.baseline_epochs])}"
-        baselines[name] = _trained(path, "static_resnet", bkw, train_set, btc, cfg.seed)
+        _, baselines[name] = static_pair(name, mkw, cfg.baseline_epochs)
+    first_acc = {(k if k == "static" else f"static_{k}"): v for k, v in first_acc.items()}
+    bk = {**kw, **cfg.backbone}
+    bbase = [cfg.data, cfg.train_limit, cfg.seed, bk, tc_key] if cfg.backbone else base
 
     def build_skip():
         torch.manual_seed(cfg.seed)
-        m = create_model("skip_resnet", **kw, budget_target=cfg.skip_target, budget_weight=cfg.skip_weight)
-        return m.init_from_static(static) if cfg.skip_recipe == "finetune" else m
+        m = create_model("skip_resnet", **bk, budget_target=cfg.skip_target, budget_weight=cfg.skip_weight)
+        return m.init_from_static(static_first) if cfg.skip_recipe == "finetune" else m
 
-    skip_tc = TrainConfig(**{**tc, "epochs": cfg.skip_epochs, "lr": cfg.skip_lr})
-    skip_key = _key(base + [cfg.skip_recipe, cfg.skip_epochs, cfg.skip_lr, cfg.skip_target, cfg.skip_weight])
-    skip = _cached(
-        cache / f"skip_width_{cfg.data}-skip-{skip_key}", build_skip, lambda m: train(m, train_set, skip_tc)
-    )
+    skip = slim = None
+    if "skip" in cfg.parts:
+        skip_tc = TrainConfig(**{**tc, "epochs": cfg.skip_epochs, "lr": cfg.skip_lr})
+        skip_key = _key(
+            bbase + [cfg.skip_recipe, cfg.skip_epochs, cfg.skip_lr, cfg.skip_target, cfg.skip_weight]
+        )
+        skip = _cached(
+            cache / f"skip_width_{cfg.data}-skip-{skip_key}",
+            build_skip,
+            lambda m: train(m, train_set, skip_tc),
+        )
 
     def build_slim():
         torch.manual_seed(cfg.seed)
-        m = create_model("slimmable_resnet", **kw)
-        return m.init_from_static(static) if cfg.slim_recipe == "finetune" else m
+        m = create_model("slimmable_resnet", **bk)
+        return m.init_from_static(static_first) if cfg.slim_recipe == "finetune" else m
 
-    slim_tc = TrainConfig(**{**tc, "epochs": cfg.slim_epochs, "lr": cfg.slim_lr})
-    slim_key = _key(base + [cfg.slim_recipe, cfg.slim_epochs, cfg.slim_lr])
-    slim = _cached(
-        cache / f"skip_width_{cfg.data}-slim-{slim_key}",
-        build_slim,
-        lambda m: train_slimmable(m, train_set, slim_tc),
-    )
-    for m in (static, skip, slim, *baselines.values()):
-        m.eval()
+    if "slim" in cfg.parts:
+        slim_tc = TrainConfig(**{**tc, "epochs": cfg.slim_epochs, "lr": cfg.slim_lr})
+        slim_key = _key(bbase + [cfg.slim_recipe, cfg.slim_epochs, cfg.slim_lr])
+        slim = _cached(
+            cache / f"skip_width_{cfg.data}-slim-{slim_key}",
+            build_slim,
+            lambda m: train_slimmable(m, train_set, slim_tc),
+        )
+    for m in (static, static_first, skip, slim, *baselines.values()):
+        if m is not None:
+            m.eval()
 
     # 2. static models: accuracy and cost
     full = static.full_cost()
@@ -236,119 +292,126 @@ def run(
                 "flops_ratio": f / full,
             }
         )
+    for st in statics:
+        if st["model"] in first_acc:
+            st["accuracy_before_finetune"] = first_acc[st["model"]]
     _log(
         "static: " + ", ".join(f"{s['model']} {s['accuracy']:.4f} @ {s['flops_ratio']:.2f}" for s in statics)
     )
 
+    rows: list[dict] = []
+    skip_cal: dict = {}
+    slim_cal: dict = {}
     # 3. block skipping: threshold sweep (test) and budgets calibrated on validation
-    rows = []
-    thresholds = cfg.skip_thresholds
-    if thresholds is None:
-        with torch.inference_mode():
-            probs = torch.cat(
-                [skip(b, 0.0, record=True).record["gate_probs"] for b in split_batches(val_set.x, 500)]
+    if skip is not None:
+        thresholds = cfg.skip_thresholds
+        if thresholds is None:
+            with torch.inference_mode():
+                probs = torch.cat(
+                    [skip(b, 0.0, record=True).record["gate_probs"] for b in split_batches(val_set.x, 500)]
+                )
+            qs = torch.linspace(0, 1, cfg.skip_sweep_points + 1, dtype=torch.float64)[:-1]
+            thresholds = sorted({0.0, *torch.quantile(probs.flatten().double(), qs).clamp(0, 1).tolist()})
+        for t in thresholds:
+            logits, flops = _dynamic(skip, test_set.x, SkipPolicy(t))
+            rows.append(
+                {
+                    "policy": "skip_resnet: threshold",
+                    "value": t,
+                    "accuracy": _acc(logits, test_set.y),
+                    "mean_flops": float(flops.mean()),
+                    "flops_ratio": float(flops.mean()) / full,
+                }
             )
-        qs = torch.linspace(0, 1, cfg.skip_sweep_points + 1, dtype=torch.float64)[:-1]
-        thresholds = sorted({0.0, *torch.quantile(probs.flatten().double(), qs).clamp(0, 1).tolist()})
-    for t in thresholds:
-        logits, flops = _dynamic(skip, test_set.x, SkipPolicy(t))
-        rows.append(
-            {
-                "policy": "skip_resnet: threshold",
-                "value": t,
+        lo = skip.min_cost() / full
+        for b in cfg.budgets:
+            if b < lo:
+                _log(f"skip: budget {b} below the minimum {lo:.2f}; skipped")
+                continue
+            cal = calibrate_skip_threshold(skip, val_set.x, b, iters=cfg.calib_iters)
+            logits, flops = _dynamic(skip, test_set.x, cal.policy)
+            skip_cal[b] = {
+                "budget": b,
+                "threshold": cal.policy.thresholds[0],
+                "val_flops_ratio": cal.val_flops / full,
                 "accuracy": _acc(logits, test_set.y),
                 "mean_flops": float(flops.mean()),
                 "flops_ratio": float(flops.mean()) / full,
+                "execute_rate_val": cal.execute_rate,
             }
-        )
-    skip_cal = {}
-    lo = skip.min_cost() / full
-    for b in cfg.budgets:
-        if b < lo:
-            _log(f"skip: budget {b} below the minimum {lo:.2f}; skipped")
-            continue
-        cal = calibrate_skip_threshold(skip, val_set.x, b, iters=cfg.calib_iters)
-        logits, flops = _dynamic(skip, test_set.x, cal.policy)
-        skip_cal[b] = {
-            "budget": b,
-            "threshold": cal.policy.thresholds[0],
-            "val_flops_ratio": cal.val_flops / full,
-            "accuracy": _acc(logits, test_set.y),
-            "mean_flops": float(flops.mean()),
-            "flops_ratio": float(flops.mean()) / full,
-            "execute_rate_val": cal.execute_rate,
-        }
-        _log(
-            f"skip budget {b:.0%}: threshold {cal.policy.thresholds[0]:.3f} -> test acc "
-            f"{skip_cal[b]['accuracy']:.4f} at {skip_cal[b]['flops_ratio']:.3f}"
-        )
-
-    # 4. dynamic width: fixed widths, and the chooser calibrated on validation (replayed on stored
-    #    all-width logits, which is exact: decisions depend only on the smallest width's confidence)
-    with torch.inference_mode():
-        val_logits = [
-            torch.cat(z) for z in zip(*(slim.all_width_logits(b) for b in split_batches(val_set.x, 500)))
-        ]
-        test_logits = [
-            torch.cat(z) for z in zip(*(slim.all_width_logits(b) for b in split_batches(test_set.x, 500)))
-        ]
-    wc = slim.width_costs()
-    per_width = wc.clone()
-    per_width[1:] += wc[0]
-    conf = test_logits[0].float().softmax(-1).amax(-1)
-    for k, w in enumerate(slim.width_mults):
-        rows.append(
-            {
-                "policy": "slimmable: fixed width",
-                "value": w,
-                "accuracy": _acc(test_logits[k], test_set.y),
-                "mean_flops": float(wc[k]),
-                "flops_ratio": float(wc[k]) / full,
-            }
-        )
-
-    def replay(policy: WidthPolicy) -> dict:
-        index = policy.choose(conf, slim.num_widths)
-        pred = torch.stack(test_logits, 1)[torch.arange(len(index)), index]
-        f = float(per_width[index].mean())
-        fr = (torch.bincount(index, minlength=slim.num_widths).double() / len(index)).tolist()
-        return {
-            "accuracy": _acc(pred, test_set.y),
-            "mean_flops": f,
-            "flops_ratio": f / full,
-            "width_fractions": fr,
-        }
-
-    lo_w, hi_w = float(per_width.min()) / full, float(per_width.max()) / full
-    slim_cal = {}
-    sweep_budgets = sorted(set(cfg.budgets) | {round(v, 3) for v in torch.linspace(lo_w, 1.0, 8).tolist()})
-    for b in sweep_budgets:
-        if not lo_w <= b <= hi_w:
-            continue
-        cal = fit_width_policy(val_logits, wc, b, labels=val_set.y)
-        res = replay(cal.policy)
-        entry = {
-            "budget": b,
-            "thresholds": cal.policy.thresholds,
-            "strategy": cal.strategy,
-            "val_accuracy": cal.val_accuracy,
-            **res,
-        }
-        rows.append(
-            {
-                "policy": "slimmable: width chooser",
-                "value": b,
-                **{k: res[k] for k in ("accuracy", "mean_flops", "flops_ratio")},
-            }
-        )
-        if b in cfg.budgets:
-            slim_cal[b] = entry
             _log(
-                f"slim budget {b:.0%}: {cal.policy} -> test acc {res['accuracy']:.4f} "
-                f"at {res['flops_ratio']:.3f}"
+                f"skip budget {b:.0%}: threshold {cal.policy.thresholds[0]:.3f} -> test acc "
+                f"{skip_cal[b]['accuracy']:.4f} at {skip_cal[b]['flops_ratio']:.3f}"
             )
 
-    # 5. wall-clock at the operating budget, and the static baselines' speed; every model gets the
+    # 4. dynamic width: fixed widths, and the chooser calibrated on validation (replayed on stored
+    if slim is not None:
+        #    all-width logits, which is exact: decisions depend only on the smallest width's confidence)
+        with torch.inference_mode():
+            val_logits = [
+                torch.cat(z) for z in zip(*(slim.all_width_logits(b) for b in split_batches(val_set.x, 500)))
+            ]
+            test_logits = [
+                torch.cat(z) for z in zip(*(slim.all_width_logits(b) for b in split_batches(test_set.x, 500)))
+            ]
+        wc = slim.width_costs()
+        per_width = wc.clone()
+        per_width[1:] += wc[0]
+        conf = test_logits[0].float().softmax(-1).amax(-1)
+        for k, w in enumerate(slim.width_mults):
+            rows.append(
+                {
+                    "policy": "slimmable: fixed width",
+                    "value": w,
+                    "accuracy": _acc(test_logits[k], test_set.y),
+                    "mean_flops": float(wc[k]),
+                    "flops_ratio": float(wc[k]) / full,
+                }
+            )
+
+        def replay(policy: WidthPolicy) -> dict:
+            index = policy.choose(conf, slim.num_widths)
+            pred = torch.stack(test_logits, 1)[torch.arange(len(index)), index]
+            f = float(per_width[index].mean())
+            fr = (torch.bincount(index, minlength=slim.num_widths).double() / len(index)).tolist()
+            return {
+                "accuracy": _acc(pred, test_set.y),
+                "mean_flops": f,
+                "flops_ratio": f / full,
+                "width_fractions": fr,
+            }
+
+        lo_w, hi_w = float(per_width.min()) / full, float(per_width.max()) / full
+        sweep_budgets = sorted(
+            set(cfg.budgets) | {round(v, 3) for v in torch.linspace(lo_w, 1.0, 8).tolist()}
+        )
+        for b in sweep_budgets:
+            if not lo_w <= b <= hi_w:
+                continue
+            cal = fit_width_policy(val_logits, wc, b, labels=val_set.y)
+            res = replay(cal.policy)
+            entry = {
+                "budget": b,
+                "thresholds": cal.policy.thresholds,
+                "strategy": cal.strategy,
+                "val_accuracy": cal.val_accuracy,
+                **res,
+            }
+            rows.append(
+                {
+                    "policy": "slimmable: width chooser",
+                    "value": b,
+                    **{k: res[k] for k in ("accuracy", "mean_flops", "flops_ratio")},
+                }
+            )
+            if b in cfg.budgets:
+                slim_cal[b] = entry
+                _log(
+                    f"slim budget {b:.0%}: {cal.policy} -> test acc {res['accuracy']:.4f} "
+                    f"at {res['flops_ratio']:.3f}"
+                )
+
+    # 5. wall-clock of every calibrated budget and of the static baselines; every model gets the
     #    same treatment (NHWC tensors by default: faster convolutions on CPU for all of them)
     op = cfg.operating_budget
     timing: dict[str, dict] = {}
@@ -356,43 +419,64 @@ def run(
     x_time = test_set.x
     if cfg.channels_last:
         for m in (static, skip, slim, *baselines.values()):
-            m.to(memory_format=torch.channels_last)
+            if m is not None:
+                m.to(memory_format=torch.channels_last)
         x_time = x_time.contiguous(memory_format=torch.channels_last)
-    for name, model, entry in (("skip", skip, skip_cal.get(op)), ("slim", slim, slim_cal.get(op))):
-        if entry is None:
-            _log(f"{name}: no calibrated point at the operating budget {op}; not timed")
-            continue
-        if name == "skip":
-            model.skip_policy = SkipPolicy(entry["threshold"])
-        else:
-            model.width_policy = WidthPolicy(entry["thresholds"])
-            logits, flops = _dynamic(model, test_set.x, None)  # the real dynamic run matches the replay
-            checks["slim_replay_matches_dynamic"] = bool(
-                abs(_acc(logits, test_set.y) - entry["accuracy"]) < 1e-9
-                and abs(float(flops.mean()) - entry["mean_flops"]) < 1e-3 * full
-            )
-        timing[name] = _time(static, model, x_time, cfg, full)
     for name, m in baselines.items():
+        _log(f"timing static_{name}")
         timing[f"static_{name}"] = _time(static, m.forward_static, x_time, cfg, full, flops=m.full_cost())
     for s in statics:
         key = s["model"]
         s["speedup_b64"] = 1.0 if key == "static" else timing[key]["b64"]["speedup"]
         s["speedup_b1"] = 1.0 if key == "static" else timing[key]["b1"]["speedup"]
+    curve = {bs: [(s[f"speedup_{bs}"], s["accuracy"]) for s in statics] for bs in ("b1", "b64")}
+    for name, model, cal in (("skip", skip, skip_cal), ("slim", slim, slim_cal)):
+        if model is None:
+            continue
+        for b, entry in cal.items():
+            if name == "skip":
+                model.skip_policy = SkipPolicy(entry["threshold"])
+            else:
+                model.width_policy = WidthPolicy(entry["thresholds"])
+                logits, flops = _dynamic(model, test_set.x, None)  # the real dynamic run matches the replay
+                checks[f"slim_replay_matches_dynamic_{b}"] = bool(
+                    abs(_acc(logits, test_set.y) - entry["accuracy"]) < 1e-9
+                    and abs(float(flops.mean()) - entry["mean_flops"]) < 1e-3 * full
+                )
+            _log(f"timing {name} at budget {b:.0%}")
+            t = entry["timing"] = _time(static, model, x_time, cfg, full)
+            for bs in ("b1", "b64"):
+                ref = static_at_time(curve[bs], t[bs]["speedup"])
+                entry[f"speedup_{bs}"] = t[bs]["speedup"]
+                entry[f"static_acc_at_equal_time_{bs}"] = ref
+                entry[f"beats_static_at_equal_time_{bs}"] = None if ref is None else entry["accuracy"] > ref
+        if op in cal:
+            timing[name] = cal[op]["timing"]
+    if f"slim_replay_matches_dynamic_{op}" in checks:
+        checks["slim_replay_matches_dynamic"] = checks[f"slim_replay_matches_dynamic_{op}"]
 
     def headline(name: str, cal: dict) -> dict:
         e = cal.get(op)
-        if e is None or name not in timing:
+        if e is None or "timing" not in e:
             return {}
-        t = timing[name]
-        ref = _static_at_time(statics, t["b64"]["speedup"])
+        t = e["timing"]
         return {
             f"{name}_acc": e["accuracy"],
             f"{name}_flops_ratio": e["flops_ratio"],
             f"{name}_speedup_b1": t["b1"]["speedup"],
             f"{name}_speedup_b64": t["b64"]["speedup"],
             f"{name}_realization_b64": t["b64"]["realization"],
-            f"{name}_static_acc_at_equal_time_b64": ref,
-            f"{name}_beats_static_at_equal_time_b64": None if ref is None else e["accuracy"] > ref,
+            f"{name}_static_acc_at_equal_time_b1": e["static_acc_at_equal_time_b1"],
+            f"{name}_static_acc_at_equal_time_b64": e["static_acc_at_equal_time_b64"],
+            f"{name}_beats_static_at_equal_time_b1": e["beats_static_at_equal_time_b1"],
+            f"{name}_beats_static_at_equal_time_b64": e["beats_static_at_equal_time_b64"],
+            # the budgets at which the dynamic model beats every static model (and mix of two) that
+            # runs in at most its time, at both batch sizes
+            f"{name}_budgets_beating_static": [
+                c["budget"]
+                for c in cal.values()
+                if c.get("beats_static_at_equal_time_b1") and c.get("beats_static_at_equal_time_b64")
+            ],
         }
 
     result = {
@@ -407,7 +491,7 @@ def run(
         "statics": statics,
         "skip_calibration": list(skip_cal.values()),
         "slim_calibration": list(slim_cal.values()),
-        "slim_width_costs": wc.tolist(),
+        "slim_width_costs": None if slim is None else slim.width_costs().tolist(),
         "sweep": rows,
         "timing": timing,
         "checks": checks,
@@ -491,44 +575,77 @@ def _plot(rows, statics, skip_cal, slim_cal, path: Path, title: str) -> None:
     tmp.replace(path)
 
 
+def _training_line(c: dict) -> str:
+    parts = c.get("parts", ("skip", "slim"))
+    bb = c.get("backbone") or {}
+    out = f"Backbone: {'the default ResNet' if not bb else 'the default ResNet with ' + json.dumps(bb)}. "
+    out += "Training: static models " + (
+        f"{c['epochs']} epochs, then {c['skip_epochs']} more at lr {c['skip_lr']} (the skip model's "
+        "fine-tune, without gates)"
+        if c.get("baseline_finetune")
+        else f"{c['epochs']} epochs"
+    )
+    if "skip" in parts:
+        out += (
+            f"; skip_resnet {c['epochs']} + {c['skip_epochs']} at lr {c['skip_lr']} (budget target "
+            f"{c['skip_target']}, weight {c['skip_weight']})"
+        )
+    if "slim" in parts:
+        out += f"; slimmable {c['epochs']} + {c['slim_epochs']}"
+    return out + "."
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
 def _markdown(r: dict) -> str:
     op = r["config"]["operating_budget"]
     lines = [
         f"# Block skipping and dynamic width on {r['data']} ({'quick' if r['quick'] else 'full'} run)",
         "",
-        f"Static ResNet: {100 * r['static_acc']:.2f}% at {r['static_mflops']:.1f} MFLOPs. Operating "
-        f"point: {op:.0%} of its FLOPs, calibrated on validation; speed-ups are wall-clock vs the static "
-        f"model (eager PyTorch, {'NHWC' if r['config']['channels_last'] else 'NCHW'}, "
-        f"{r['threads']} threads).",
+        f"Static backbone: {100 * r['static_acc']:.2f}% at {r['static_mflops']:.1f} MFLOPs. Budgets are "
+        f"fractions of its FLOPs, thresholds calibrated on validation, everything reported on test; "
+        f"speed-ups are wall-clock vs the static model (eager PyTorch, "
+        f"{'NHWC' if r['config']['channels_last'] else 'NCHW'}, {r['threads']} threads, alternating, "
+        "medians).",
         "",
-        "| model | accuracy | FLOPs vs static | speed-up b1 | speed-up b64 "
-        "| static acc at equal time (b64) |",
+        _training_line(r["config"]),
+        "",
+        "'Best static at equal time': the most accurate static model, or mix of two (a share of the "
+        "inputs to each), that runs in at most the dynamic model's time at that batch size.",
+        "",
+        "| static model | accuracy | first training only | FLOPs vs static | speed-up b1 | speed-up b64 |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for s in r["statics"]:
         lines.append(
-            f"| {s['model']} | {100 * s['accuracy']:.2f}% | {s['flops_ratio']:.3f} | "
-            f"{s['speedup_b1']:.2f}x | {s['speedup_b64']:.2f}x | - |"
+            f"| {s['model']} | {100 * s['accuracy']:.2f}% | {_pct(s.get('accuracy_before_finetune'))} | "
+            f"{s['flops_ratio']:.3f} | {s['speedup_b1']:.2f}x | {s['speedup_b64']:.2f}x |"
         )
-    for name in ("skip", "slim"):
-        if f"{name}_acc" in r:
-            ref = r[f"{name}_static_acc_at_equal_time_b64"]
-            lines.append(
-                f"| {name} @ {op:.0%} | {100 * r[name + '_acc']:.2f}% | {r[name + '_flops_ratio']:.3f} | "
-                f"{r[name + '_speedup_b1']:.2f}x | {r[name + '_speedup_b64']:.2f}x | "
-                f"{'-' if ref is None else f'{100 * ref:.2f}%'} |"
-            )
     lines += [
         "",
-        "## Calibrated budgets (validation -> test)",
+        "## Dynamic models at each calibrated budget (validation -> test)",
         "",
-        "| model | budget | accuracy | FLOPs ratio |",
-        "|---|---:|---:|---:|",
+        "| model | budget | accuracy | FLOPs ratio | speed-up b1 | best static at equal time b1 "
+        "| speed-up b64 | best static at equal time b64 | beats static (b1 / b64) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    yn = {True: "yes", False: "no", None: "-"}
     for name in ("skip", "slim"):
         for c in r[f"{name}_calibration"]:
+            if "speedup_b1" not in c:
+                lines.append(
+                    f"| {name} | {c['budget']:.0%} | {100 * c['accuracy']:.2f}% | {c['flops_ratio']:.3f} "
+                    "| - | - | - | - | - |"
+                )
+                continue
+            star = " (operating point)" if c["budget"] == op else ""
             lines.append(
-                f"| {name} | {c['budget']:.0%} | {100 * c['accuracy']:.2f}% | {c['flops_ratio']:.3f} |"
+                f"| {name} | {c['budget']:.0%}{star} | {100 * c['accuracy']:.2f}% | {c['flops_ratio']:.3f} | "
+                f"{c['speedup_b1']:.2f}x | {_pct(c['static_acc_at_equal_time_b1'])} | "
+                f"{c['speedup_b64']:.2f}x | {_pct(c['static_acc_at_equal_time_b64'])} | "
+                f"{yn[c['beats_static_at_equal_time_b1']]} / {yn[c['beats_static_at_equal_time_b64']]} |"
             )
     lines += [
         "",
@@ -551,12 +668,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="reduced run (minutes), for checking the pipeline")
     p.add_argument("--epochs", type=int, default=None, help="static backbone epochs")
     p.add_argument("--skip-epochs", type=int, default=None)
+    p.add_argument("--skip-lr", type=float, default=None)
+    p.add_argument(
+        "--skip-target", type=float, default=None, help="budget loss target (share of gated FLOPs)"
+    )
+    p.add_argument("--skip-weight", type=float, default=None, help="budget loss weight")
     p.add_argument("--slim-epochs", type=int, default=None)
     p.add_argument("--baseline-epochs", type=int, default=None)
+    p.add_argument(
+        "--backbone",
+        type=json.loads,
+        default=None,
+        help="JSON settings of the backbone, skip and slimmable models, e.g. '{\"blocks\": [5, 5, 5]}'",
+    )
+    p.add_argument(
+        "--baselines",
+        type=json.loads,
+        default=None,
+        help="JSON {name: settings} of the static baselines ({} settings: the default ResNet)",
+    )
+    p.add_argument("--parts", default=None, help="comma-separated: skip, slim (default both)")
+    p.add_argument(
+        "--no-baseline-finetune",
+        action="store_true",
+        help="static models keep their first training only (default: they also get the skip model's "
+        "extra epochs, so every model has trained as long)",
+    )
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--val-limit", type=int, default=None)
     p.add_argument("--test-limit", type=int, default=None)
     p.add_argument("--operating-budget", type=float, default=None)
+    p.add_argument(
+        "--budgets", default=None, help="comma-separated FLOPs budgets (fractions of the backbone's)"
+    )
     p.add_argument("--b1-samples", type=int, default=None, help="images timed at batch 1")
     p.add_argument("--b64-samples", type=int, default=None, help="images timed at batch 64")
     p.add_argument("--rounds", type=int, default=None, help="timing rounds (medians)")
@@ -568,6 +712,9 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in dict(
             epochs=a.epochs,
             skip_epochs=a.skip_epochs,
+            skip_lr=a.skip_lr,
+            skip_target=a.skip_target,
+            skip_weight=a.skip_weight,
             slim_epochs=a.slim_epochs,
             baseline_epochs=a.baseline_epochs,
             train_limit=a.train_limit,
@@ -580,6 +727,16 @@ def main(argv: list[str] | None = None) -> int:
         ).items()
         if v is not None
     }
+    if a.no_baseline_finetune:
+        kw["baseline_finetune"] = False
+    if a.backbone is not None:
+        kw["backbone"] = a.backbone
+    if a.baselines is not None:
+        kw["baselines"] = a.baselines
+    if a.budgets is not None:
+        kw["budgets"] = tuple(float(v) for v in a.budgets.split(",") if v.strip())
+    if a.parts is not None:
+        kw["parts"] = tuple(v.strip() for v in a.parts.split(",") if v.strip())
     cfg = SkipWidthBenchConfig(data=a.data, quick=a.quick, **kw)
     r = run(cfg, json_path=a.json, progress=not a.no_progress)
     keys = [

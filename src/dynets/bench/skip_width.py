@@ -208,9 +208,10 @@ def run(
     ft = [cfg.skip_epochs, cfg.skip_lr]
     first_acc: dict[str, float] = {}
 
-    def static_pair(label: str, mkw: dict, epochs: int):
-        """(first training, model after the fine-tune); the default layout (mkw empty) is cached
-        under the same names whether it is the backbone or a baseline."""
+    def static_pair(model: str, label: str, mkw: dict, epochs: int):
+        """(first training, model after the fine-tune) of the static model reported as `model` and
+        cached as `label`; the default layout (mkw empty) is cached under the same names whether it
+        is the backbone or a baseline."""
         mk = {**kw, **mkw}
         if mkw:
             stem = f"skip_width_{cfg.data}-static_{label}"
@@ -224,16 +225,13 @@ def run(
         )
         if not cfg.baseline_finetune:
             return first, first
-        first_acc[label] = _acc(_static_logits(first.eval(), test_set.x), test_set.y)
+        first_acc[model] = _acc(_static_logits(first.eval(), test_set.x), test_set.y)
         return first, _trained(ft_path, "static_resnet", mk, train_set, ft_tc, cfg.seed, start=first)
 
-    static_first, static = static_pair("backbone" if cfg.backbone else "static", cfg.backbone, cfg.epochs)
-    if cfg.backbone:
-        first_acc["static"] = first_acc.pop("backbone", None)
+    static_first, static = static_pair("static", "backbone", cfg.backbone, cfg.epochs)
     baselines = {}
     for name, mkw in cfg.baselines.items():
-        _, baselines[name] = static_pair(name, mkw, cfg.baseline_epochs)
-    first_acc = {(k if k == "static" else f"static_{k}"): v for k, v in first_acc.items()}
+        _, baselines[name] = static_pair(f"static_{name}", name, mkw, cfg.baseline_epochs)
     bk = {**kw, **cfg.backbone}
     bbase = [cfg.data, cfg.train_limit, cfg.seed, bk, tc_key] if cfg.backbone else base
 
@@ -244,14 +242,13 @@ def run(
 
     skip = slim = None
     if "skip" in cfg.parts:
-        skip_tc = TrainConfig(**{**tc, "epochs": cfg.skip_epochs, "lr": cfg.skip_lr})
         skip_key = _key(
             bbase + [cfg.skip_recipe, cfg.skip_epochs, cfg.skip_lr, cfg.skip_target, cfg.skip_weight]
         )
         skip = _cached(
             cache / f"skip_width_{cfg.data}-skip-{skip_key}",
             build_skip,
-            lambda m: train(m, train_set, skip_tc),
+            lambda m: train(m, train_set, ft_tc),  # the statics' extra epochs, with gates
         )
 
     def build_slim():

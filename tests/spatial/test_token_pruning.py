@@ -87,6 +87,21 @@ def test_keep_ratio_knob_and_errors(model):
         dynets.create_model("dynamicvit_tiny", **{**TINY, "keep_ratio": 0.0})
     with pytest.raises(ValueError, match="prune_after"):
         dynets.create_model("dynamicvit_tiny", **{**TINY, "prune_after": (2, 1)})
+    for bad in (0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match=r"predictor_lr_scale: expected a number > 0, got"):
+            dynets.create_model("dynamicvit_tiny", **{**TINY, "predictor_lr_scale": bad})
+
+
+def test_predictor_lr_scale_puts_the_predictors_in_their_own_group():
+    assert dynets.create_model("dynamicvit_tiny", **TINY).lr_scales() == {}
+    m = dynets.create_model("dynamicvit_tiny", **{**TINY, "predictor_lr_scale": 10.0})
+    scales = m.lr_scales()
+    assert set(scales) == set(m.predictors.parameters()) and set(scales.values()) == {10.0}
+    from dynets.train.loop import _param_groups
+
+    groups = _param_groups(m, list(m.parameters()), 1e-4)
+    assert [g["lr"] for g in groups] == [1e-4, 1e-3]
+    assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))
 
 
 def test_bad_input_and_empty_batch(model):

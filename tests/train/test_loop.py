@@ -11,6 +11,7 @@ from torch import nn
 
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
 from dynets.train import TrainConfig, load_checkpoint, random_crop_flip, train
+from dynets.train.loop import _epoch_generator
 
 
 @dataclass
@@ -305,3 +306,43 @@ def test_resume_warns_on_changed_config_and_finished_run_is_a_no_op(tmp_path):
             TrainConfig(**{**FAST, "epochs": 2, "lr": 0.5}, checkpoint_dir=str(tmp_path)),
             resume=True,
         )
+
+
+class ScaledNet(TinyExitNet):
+    """TinyExitNet whose second exit learns at 10x the lr (the `lr_scales()` hook of the loop)."""
+
+    scale = 10.0
+
+    def lr_scales(self):
+        return {p: self.scale for p in self.exit2.parameters()}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_lr_scales_make_parameter_groups(optimizer):
+    # reference: one step by hand with two optimiser groups, the second at 10x the lr
+    data = make_data(32)
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=0.05, optimizer=optimizer, momentum=0.0, progress=False)
+    torch.manual_seed(3)
+    model = ScaledNet(p=0.0)
+    ref = make_model(seed=3, p=0.0)
+    train(model, data, cfg)
+    others = [p for n, p in ref.named_parameters() if not n.startswith("exit2.")]
+    groups = [{"params": others, "lr": 0.05}, {"params": list(ref.exit2.parameters()), "lr": 0.5}]
+    opt = (
+        torch.optim.SGD(groups, lr=0.05, momentum=0.0, weight_decay=cfg.weight_decay)
+        if optimizer == "sgd"
+        else torch.optim.AdamW(groups, lr=0.05, weight_decay=cfg.weight_decay)
+    )
+    ref.train()
+    perm = torch.randperm(32, generator=_epoch_generator(cfg.seed, 0, 0))  # the loop's first shuffle
+    torch.manual_seed(cfg.seed)
+    out = ref(data.x[perm])
+    loss = sum(torch.nn.functional.cross_entropy(z, data.y[perm]) for z in out.exit_logits) / 2
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+    model.scale = 0.0
+    with pytest.raises(ValueError, match="lr_scales.*> 0, got 0.0"):
+        train(model, data, cfg)

@@ -39,7 +39,7 @@ from dynets.core.serialization import atomic_write_bytes, load, save
 from dynets.data import DATASET_STATS, cache_dir, load_dataset
 from dynets.policies.calibration import calibrate
 from dynets.spatial.halting import HaltingViT
-from dynets.spatial.merging import tome, tome_cost
+from dynets.spatial.merging import check_r, tome, tome_cost
 from dynets.spatial.plots import plot_glance_focus, plot_halting_depth, plot_kept_patches, plot_merged_groups
 from dynets.spatial.token_pruning import DynamicViT
 from dynets.train import TrainConfig, train
@@ -63,6 +63,7 @@ class SpatialBenchConfig:
     vit_lr: float = 1e-3
     finetune_epochs: int = 1
     dvit_lr: float = 1e-4  # DynamicViT: backbone and predictors fine-tuned together
+    dvit_predictor_lr_scale: float = 1.0  # the keep predictors' lr = this x dvit_lr
     halting_lr: float = 3e-4  # A-ViT: the halting channel has to move within one epoch
     keep_ratios: tuple[float, ...] = (0.7, 0.5)
     train_keep_ratios: tuple[float, ...] = (0.5, 0.6, 0.7)
@@ -84,6 +85,8 @@ class SpatialBenchConfig:
         bad = sorted(set(self.parts) - {"vit", "glance"})
         if bad or not self.parts:
             raise ValueError(f"parts: expected a non-empty subset of ('vit', 'glance'), got {self.parts}")
+        for r in self.tome_r:
+            check_r(r)
         if self.quick:
             self.train_limit = min(self.train_limit or 2000, 2000)
             self.val_limit = min(self.val_limit or 500, 500)
@@ -216,10 +219,16 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
     ft = dict(**tc, epochs=cfg.finetune_epochs, warmup_epochs=0.1 * cfg.finetune_epochs)
     ft_key = base + [cfg.finetune_epochs]
 
+    # (an lr scale of 1 adds nothing to the key, so models cached before the option are reused)
+    dvit_extra = [cfg.dvit_predictor_lr_scale] if cfg.dvit_predictor_lr_scale != 1.0 else []
+
     def build_dvit():
         return (
             DynamicViT.from_static(
-                static, keep_ratio=cfg.keep_ratios[0], train_keep_ratios=tuple(cfg.train_keep_ratios)
+                static,
+                keep_ratio=cfg.keep_ratios[0],
+                train_keep_ratios=tuple(cfg.train_keep_ratios),
+                predictor_lr_scale=cfg.dvit_predictor_lr_scale,
             )
             .set_teacher(static)
             .train()
@@ -229,7 +238,7 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
         return HaltingViT.from_static(static, **cfg.halting_kw).set_teacher(static).train()
 
     dvit = _trained(
-        cache / f"{name}-dvit-{_key(ft_key + [cfg.train_keep_ratios, cfg.dvit_lr])}",
+        cache / f"{name}-dvit-{_key(ft_key + [cfg.train_keep_ratios, cfg.dvit_lr] + dvit_extra)}",
         build_dvit,
         train_set,
         TrainConfig(**ft, lr=cfg.dvit_lr),
@@ -496,6 +505,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vit-epochs", type=int, default=None)
     p.add_argument("--finetune-epochs", type=int, default=None)
     p.add_argument("--cnn-epochs", type=int, default=None)
+    p.add_argument(
+        "--train-limit", type=int, default=None, help="train on at most N images (0: all; default 25,000)"
+    )
+    p.add_argument(
+        "--dvit-predictor-lr-scale",
+        type=float,
+        default=None,
+        help="DynamicViT keep predictors' lr as a multiple of the backbone's fine-tuning lr (default 1)",
+    )
+    p.add_argument("--tome-r", default=None, help="comma-separated ToMe merge counts per block (default 4,8)")
     p.add_argument("--json", default=None)
     p.add_argument("--out", default=None, help="folder for the Markdown and PNGs (default: beside --json)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the benchmark's setting: 2)")
@@ -507,11 +526,21 @@ def main(argv: list[str] | None = None) -> int:
             ("vit_epochs", a.vit_epochs),
             ("finetune_epochs", a.finetune_epochs),
             ("cnn_epochs", a.cnn_epochs),
+            ("dvit_predictor_lr_scale", a.dvit_predictor_lr_scale),
         )
         if v is not None
     }
     if a.limit:
         extra.update(train_limit=a.limit, test_limit=a.limit, val_limit=a.limit)
+    if a.train_limit is not None:
+        if a.train_limit < 0:
+            p.error(f"--train-limit: expected 0 (all) or a positive count, got {a.train_limit}")
+        extra["train_limit"] = a.train_limit or None
+    if a.tome_r:
+        try:
+            extra["tome_r"] = tuple(int(v) for v in a.tome_r.split(","))
+        except ValueError:
+            p.error(f"--tome-r: expected comma-separated ints such as 4,8, got {a.tome_r!r}")
     cfg = SpatialBenchConfig(
         data=a.data,
         quick=a.quick,

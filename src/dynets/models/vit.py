@@ -93,7 +93,9 @@ class Attention(nn.Module):
         q, k, v = self.qkv_heads(x)
         o = attention_core(q, k, v, bias) if keep is None else policy_attention_core(q, k, v, keep)
         o = self.proj(o.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
-        return (o, k.mean(1)) if return_keys else o
+        # return_keys: the keys summed over heads (B, T, d), ToMe's similarity metric (only its direction
+        # matters); summed in the qkv layout, where each token's heads lie side by side
+        return (o, k.transpose(1, 2).sum(2)) if return_keys else o
 
 
 class Block(nn.Module):

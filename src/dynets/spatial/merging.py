@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
 from dynets.core.registry import register_model
@@ -46,23 +47,25 @@ def bipartite_merge(
     positions=False (it costs a few small ops per block, which batch 1 notices).
     """
     B, T, D = x.shape
-    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    metric = F.normalize(metric, dim=-1)  # cosine similarity (the scale of metric does not matter)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)  # (B, Ta, Tb)
-    scores[:, 0, :] = float("-inf")  # the class token (A's first) is never merged
     Ta = scores.shape[1]
     node_max, node_idx = scores.max(-1)  # (B, Ta): best B partner of each A token
+    node_max[:, 0] = float("-inf")  # the class token (A's first) is never merged
     edge_idx = node_max.argsort(-1, descending=True)
     unm_idx = edge_idx[:, r:].sort(-1).values  # (B, Ta - r) A tokens kept, in order (class first)
     src_idx = edge_idx[:, :r]  # (B, r) A tokens merged away
     dst_idx = node_idx.gather(1, src_idx)  # (B, r) their B partners
-    xs = x * size[..., None]
-    xa, xb, sa, sb = xs[:, ::2], xs[:, 1::2], size[:, ::2], size[:, 1::2]
+    # Only the B tokens change: B token = (its size-weighted sum + its sources') / the new size. The
+    # kept A tokens are copied as they are (no multiply-divide of the whole sequence by the sizes).
+    xa, xb, sa, sb = x[:, ::2], x[:, 1::2], size[:, ::2], size[:, 1::2]
+    s_src = sa.gather(1, src_idx)  # (B, r)
+    src = xa.gather(1, src_idx[..., None].expand(-1, -1, D)) * s_src[..., None]
+    sb_new = sb.scatter_add(1, dst_idx, s_src)  # (B, Tb)
+    xb = (xb * sb[..., None]).scatter_add(1, dst_idx[..., None].expand(-1, -1, D), src) / sb_new[..., None]
     unm = xa.gather(1, unm_idx[..., None].expand(-1, -1, D))
-    src = xa.gather(1, src_idx[..., None].expand(-1, -1, D))
-    xb = xb.scatter_add(1, dst_idx[..., None].expand(-1, -1, D), src)
-    sb = sb.scatter_add(1, dst_idx, sa.gather(1, src_idx))
-    new_size = torch.cat([sa.gather(1, unm_idx), sb], 1)  # (B, T - r)
-    new_x = torch.cat([unm, xb], 1) / new_size[..., None]
+    new_x = torch.cat([unm, xb], 1)  # (B, T - r, D)
+    new_size = torch.cat([sa.gather(1, unm_idx), sb_new], 1)  # (B, T - r)
     if not positions:
         return new_x, new_size, None
     n_unm = Ta - r

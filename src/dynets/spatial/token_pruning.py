@@ -59,6 +59,10 @@ class DynamicViTConfig(ViTConfig):
     ratio_weight: float = 2.0
     distill_weight: float = 0.5  # KL to the teacher's logits
     token_distill_weight: float = 0.5  # MSE to the teacher's final tokens, kept positions only
+    # learning rate of the keep predictors relative to the backbone's (the train config's lr): they
+    # start from scratch while the backbone is only fine-tuned (DynamicViT trains the backbone at
+    # 0.01x the predictors' rate)
+    predictor_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,6 +76,9 @@ class DynamicViTConfig(ViTConfig):
             check_keep_ratio(r)
         if not self.tau > 0:
             raise ValueError(f"tau: expected > 0, got {self.tau}")
+        s = self.predictor_lr_scale
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < math.inf:
+            raise ValueError(f"predictor_lr_scale: expected a number > 0, got {s!r}")
         if self.train_selection not in ("gumbel", "gumbel_topk"):
             raise ValueError(
                 f"train_selection: expected 'gumbel' or 'gumbel_topk', got {self.train_selection!r}"
@@ -149,6 +156,11 @@ class DynamicViT(ViT):
         for name, p in self.named_parameters():
             p.requires_grad_(name.startswith("predictors."))
         return self
+
+    def lr_scales(self) -> dict[nn.Parameter, float]:
+        """For the train loop: the keep predictors' learning rate is predictor_lr_scale x the lr."""
+        s = float(self.config.predictor_lr_scale)
+        return {} if s == 1.0 else {p: s for p in self.predictors.parameters()}
 
     def set_teacher(self, teacher: ViT | None) -> DynamicViT:
         """Distil from `teacher` (e.g. the static ViT this model was fine-tuned from) in training."""

@@ -220,12 +220,29 @@ def _default_loss(config: TrainConfig, out: Any, target: torch.Tensor) -> torch.
 
 
 # -------------------------------------------------------------------- optimiser, schedule, checkpoint
-def _make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+def _param_groups(model: nn.Module, params: list[nn.Parameter], lr: float) -> list[dict]:
+    """One optimiser group per learning-rate scale. A model may define `lr_scales()` -> {parameter:
+    scale} (e.g. DynamicViT's keep predictors learning faster than the backbone they are fine-tuned
+    with); every other parameter has scale 1 and sits in the first group."""
+    scales = model.lr_scales() if hasattr(model, "lr_scales") else {}
+    for s in scales.values():
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0 or math.isinf(s):
+            raise ValueError(f"{type(model).__name__}.lr_scales(): expected scales > 0, got {s!r}")
+    groups: dict[float, list[nn.Parameter]] = {1.0: []}
+    for p in params:
+        groups.setdefault(float(scales.get(p, 1.0)), []).append(p)
+    return [{"params": ps, "lr": lr * s} for s, ps in groups.items() if ps]
+
+
+def _make_optimizer(
+    params: list[nn.Parameter], config: TrainConfig, model: nn.Module
+) -> torch.optim.Optimizer:
+    groups = _param_groups(model, params, config.lr)
     if config.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _lr_factor(step: int, *, total: int, warmup: int, cosine: bool) -> float:
@@ -317,7 +334,7 @@ def _run(model, params, x, y, eval_xy, config, info, resume, stop_after_epoch, l
     if n_used == 0:
         raise ValueError(f"data: expected at least world_size={info.world_size} samples, got {x.shape[0]}")
     steps_per_epoch = math.ceil(n_used / config.batch_size)
-    optimizer = _make_optimizer(params, config)
+    optimizer = _make_optimizer(params, config, model)
     factor = partial(
         _lr_factor,
         total=config.epochs * steps_per_epoch,

@@ -41,6 +41,40 @@ def test_gathered_equals_masked_reference(model, rho):
             assert bool((kept[:, s] <= kept[:, s - 1]).all())
 
 
+def test_token_multiple_rounds_the_sequence_lengths(model):
+    # N = 16 patches; rho 0.7 gives 11, 8, 5 patches (sequences 12, 9, 6); rounded to multiples of 4:
+    # 12, 8, 8 -> 11, 7, 7 patches (never more than the stage before)
+    assert model.keep_counts(0.7) == [11, 8, 5] and model.keep_counts(0.7, 4) == [11, 7, 7]
+    assert model.keep_counts(0.2, 4) == [3, 1, 1]  # sequences shorter than 4 are left as they are
+    lengths = []
+    hooks = [
+        blk.register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1])) for blk in model.blocks
+    ]
+    x = torch.rand(5, 3, 16, 16)
+    try:
+        out = model(x, keep_ratio=0.7, token_multiple=4)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert lengths == [17, 12, 8, 8]  # block 3 runs on 8 tokens: stage 3 had nothing left to drop
+    assert [out.decisions[f"kept_idx_{s}"].shape[1] for s in range(3)] == [11, 7, 7]
+    # the gathered run still equals the masked reference with its own kept tokens
+    masks = [out.decisions["kept"][:, s].float() for s in range(3)]
+    with torch.no_grad():
+        ref, _, _ = model.forward_masked(x, torch.full((5,), 0.7), masks_given=masks)
+    torch.testing.assert_close(out.logits, ref, atol=1e-5, rtol=1e-4)
+    assert float(out.flops[0]) == model.pruned_cost(0.7, 4) != model.pruned_cost(0.7)
+    # the config knob does the same as the argument
+    model.token_multiple = 4
+    try:
+        torch.testing.assert_close(model(x, keep_ratio=0.7).logits, out.logits)
+    finally:
+        model.token_multiple = 1
+    for bad in (0, -16, 2.0, True):
+        with pytest.raises(ValueError, match=r"token_multiple: expected an int >= 1"):
+            model(x, keep_ratio=0.7, token_multiple=bad)
+
+
 def test_input_order_and_batch_one(model):
     x = torch.rand(5, 3, 16, 16)
     out = model(x)

@@ -41,7 +41,7 @@ from dynets.policies.calibration import calibrate
 from dynets.spatial.halting import HaltingViT
 from dynets.spatial.merging import check_r, tome, tome_cost
 from dynets.spatial.plots import plot_glance_focus, plot_halting_depth, plot_kept_patches, plot_merged_groups
-from dynets.spatial.token_pruning import DynamicViT
+from dynets.spatial.token_pruning import DynamicViT, check_token_multiple
 from dynets.train import TrainConfig, train
 
 HEADLINE_KEYS = ("static_acc", "dynamic_acc", "speedup_b1", "speedup_b64")
@@ -63,9 +63,12 @@ class SpatialBenchConfig:
     vit_lr: float = 1e-3
     finetune_epochs: int = 1
     dvit_lr: float = 1e-4  # DynamicViT: backbone and predictors fine-tuned together
-    dvit_predictor_lr_scale: float = 1.0  # the keep predictors' lr = this x dvit_lr
+    dvit_predictor_lr_scale: float = 10.0  # the keep predictors' lr = this x dvit_lr (session 13: 1 -> 10)
     halting_lr: float = 3e-4  # A-ViT: the halting channel has to move within one epoch
     keep_ratios: tuple[float, ...] = (0.7, 0.5)
+    # DynamicViT rows again with each stage's sequence length rounded to a multiple of this (the
+    # same trained model; 1 = no extra rows): see DynamicViTConfig.token_multiple
+    token_multiple: int = 16
     train_keep_ratios: tuple[float, ...] = (0.5, 0.6, 0.7)
     halting_kw: dict = field(default_factory=dict)
     halting_thresholds: tuple[float, ...] = (0.99,)
@@ -87,6 +90,7 @@ class SpatialBenchConfig:
             raise ValueError(f"parts: expected a non-empty subset of ('vit', 'glance'), got {self.parts}")
         for r in self.tome_r:
             check_r(r)
+        check_token_multiple(self.token_multiple)
         if self.quick:
             self.train_limit = min(self.train_limit or 2000, 2000)
             self.val_limit = min(self.val_limit or 500, 500)
@@ -265,6 +269,12 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
             "token pruning (DynamicViT)",
             rho,
         )
+        if cfg.token_multiple > 1:
+            methods[f"dynamicvit_{rho}_m{cfg.token_multiple}"] = (
+                lambda x, r=rho: dvit(x, keep_ratio=r, token_multiple=cfg.token_multiple),
+                f"token pruning (DynamicViT), lengths rounded to multiples of {cfg.token_multiple}",
+                rho,
+            )
     for thr in cfg.halting_thresholds:
         methods[f"halting_{thr}"] = (lambda x, t=thr: avit(x, threshold=t), "halting (A-ViT)", thr)
     for r in cfg.tome_r:
@@ -440,6 +450,18 @@ def _glance_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress
 
 
 # ---------------------------------------------------------------------------------- report
+def _training_line(c: dict) -> str:
+    if not c:
+        return ""
+    n = c.get("train_limit") or 45000
+    return (
+        f"Training: the static ViT {c['vit_epochs']} epochs on {n} images (lr {c['vit_lr']}); DynamicViT "
+        f"and A-ViT fine-tuned from it for {c['finetune_epochs']} epoch(s) (DynamicViT lr {c['dvit_lr']}, "
+        f"its keep predictors x{c.get('dvit_predictor_lr_scale', 1.0):g}; A-ViT lr {c['halting_lr']}); ToMe "
+        "untrained. Speed-ups: images/s vs the static ViT in the same process, alternating passes, medians."
+    )
+
+
 def _markdown(r: dict) -> str:
     lines = [f"# Spatial dynamic networks on {r['data']} ({'quick' if r['quick'] else 'full'} run)", ""]
     if "vit" in r:
@@ -447,6 +469,8 @@ def _markdown(r: dict) -> str:
         lines += [
             f"Static ViT ({r['vit']['model']}): accuracy {100 * s['accuracy']:.2f}%, "
             f"{s['mean_flops'] / 1e6:.1f} MFLOPs per image. {r['threads']} CPU threads.",
+            "",
+            _training_line(r.get("config", {})),
             "",
             "| method | setting | accuracy | drop (points) | FLOPs vs static | speed-up b1 | speed-up b64 |",
             "|---|---|---:|---:|---:|---:|---:|",
@@ -512,7 +536,13 @@ def main(argv: list[str] | None = None) -> int:
         "--dvit-predictor-lr-scale",
         type=float,
         default=None,
-        help="DynamicViT keep predictors' lr as a multiple of the backbone's fine-tuning lr (default 1)",
+        help="DynamicViT keep predictors' lr as a multiple of the backbone's fine-tuning lr (default 10)",
+    )
+    p.add_argument(
+        "--token-multiple",
+        type=int,
+        default=None,
+        help="also run DynamicViT with sequence lengths rounded to multiples of this (default 16; 1: off)",
     )
     p.add_argument("--tome-r", default=None, help="comma-separated ToMe merge counts per block (default 4,8)")
     p.add_argument("--json", default=None)
@@ -527,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
             ("finetune_epochs", a.finetune_epochs),
             ("cnn_epochs", a.cnn_epochs),
             ("dvit_predictor_lr_scale", a.dvit_predictor_lr_scale),
+            ("token_multiple", a.token_multiple),
         )
         if v is not None
     }

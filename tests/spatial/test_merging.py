@@ -101,3 +101,32 @@ def test_batch_order_knob_errors_and_round_trip(vit, tmp_path):
         plot_merged_groups(x, m(x, record=True).decisions["owner"], tmp_path / "groups.png").stat().st_size
         > 0
     )
+
+
+def test_token_multiple_merges_onto_multiples(vit):
+    # 65 tokens, r = 8 per block: the pace 57, 49, 41, 33, 25, 17 rounded to multiples of 16 -> merge
+    # in blocks 1, 3, 5 only (65 -> 48 -> 32 -> 17: at most 15 merges from 32, the class token stays)
+    assert merge_schedule(65, 6, 8, 16) == [0, 17, 0, 16, 0, 15]
+    assert merge_schedule(65, 6, 10, 16) == [17, 0, 16, 0, 15, 8]
+    assert merge_schedule(65, 6, 8, 1) == merge_schedule(65, 6, 8) == [8] * 6
+    # pace 14, 11, 8 -> 16 (merging 1 < 4 / 2: skipped), 12, 8
+    assert merge_schedule(17, 3, 3, 4) == [0, 5, 4]
+    m = tome(vit, 3)
+    m(torch.rand(1, 3, 16, 16))  # unit costs measured before hooking
+    seen = []
+    hooks = [blk.mlp.register_forward_pre_hook(lambda mod, a: seen.append(a[0].shape[1])) for blk in m.blocks]
+    x = torch.rand(2, 3, 16, 16)
+    try:
+        out = m(x, token_multiple=4, record=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == [17, 12, 8] and out.decisions["tokens"].tolist() == [[17, 12, 8]] * 2
+    logits, owner = tome_forward(vit, x, 3, multiple=4)
+    assert torch.equal(out.logits, logits) and torch.equal(out.decisions["owner"], owner)
+    assert float(out.flops[0]) == tome_cost(vit, 3, 4) != tome_cost(vit, 3)
+    m.config.token_multiple = 4  # the config knob does what the argument does
+    assert torch.equal(m(x).logits, logits)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="token_multiple: expected an int >= 1"):
+            m(x, token_multiple=bad)

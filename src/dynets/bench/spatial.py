@@ -37,11 +37,12 @@ from dynets.bench.wallclock import compare_wallclock, split_batches
 from dynets.core.registry import create_model
 from dynets.core.serialization import atomic_write_bytes, load, save
 from dynets.data import DATASET_STATS, cache_dir, load_dataset
+from dynets.models.vit import check_token_multiple
 from dynets.policies.calibration import calibrate
 from dynets.spatial.halting import HaltingViT
 from dynets.spatial.merging import check_r, tome, tome_cost
 from dynets.spatial.plots import plot_glance_focus, plot_halting_depth, plot_kept_patches, plot_merged_groups
-from dynets.spatial.token_pruning import DynamicViT, check_token_multiple
+from dynets.spatial.token_pruning import DynamicViT
 from dynets.train import TrainConfig, train
 
 HEADLINE_KEYS = ("static_acc", "dynamic_acc", "speedup_b1", "speedup_b64")
@@ -66,8 +67,8 @@ class SpatialBenchConfig:
     dvit_predictor_lr_scale: float = 10.0  # the keep predictors' lr = this x dvit_lr (session 13: 1 -> 10)
     halting_lr: float = 3e-4  # A-ViT: the halting channel has to move within one epoch
     keep_ratios: tuple[float, ...] = (0.7, 0.5)
-    # DynamicViT rows again with each stage's sequence length rounded to a multiple of this (the
-    # same trained model; 1 = no extra rows): see DynamicViTConfig.token_multiple
+    # DynamicViT and ToMe rows again with sequence lengths rounded to multiples of this (the same
+    # models; 1 = no extra rows): see DynamicViTConfig.token_multiple and merging.merge_schedule
     token_multiple: int = 16
     train_keep_ratios: tuple[float, ...] = (0.5, 0.6, 0.7)
     halting_kw: dict = field(default_factory=dict)
@@ -279,6 +280,12 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
         methods[f"halting_{thr}"] = (lambda x, t=thr: avit(x, threshold=t), "halting (A-ViT)", thr)
     for r in cfg.tome_r:
         methods[f"tome_r{r}"] = (lambda x, r=r: tm(x, r=r), "merging (ToMe, no training)", r)
+        if cfg.token_multiple > 1:
+            methods[f"tome_r{r}_m{cfg.token_multiple}"] = (
+                lambda x, r=r: tm(x, r=r, token_multiple=cfg.token_multiple),
+                f"merging (ToMe, no training), onto lengths that are multiples of {cfg.token_multiple}",
+                r,
+            )
     rows = {}
     xt = test_set.x
     for key, (fn, family, setting) in methods.items():
@@ -333,6 +340,7 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
         "methods": rows,
         "control_accuracy": control,
         "tome_flops": {r: tome_cost(static, r) for r in cfg.tome_r},
+        "tome_flops_multiple": {r: tome_cost(static, r, cfg.token_multiple) for r in cfg.tome_r},
         "model": kw,
     }
 
@@ -542,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         "--token-multiple",
         type=int,
         default=None,
-        help="also run DynamicViT with sequence lengths rounded to multiples of this (default 16; 1: off)",
+        help="also run DynamicViT and ToMe with lengths rounded to multiples of this (default 16; 1: off)",
     )
     p.add_argument("--tome-r", default=None, help="comma-separated ToMe merge counts per block (default 4,8)")
     p.add_argument("--json", default=None)

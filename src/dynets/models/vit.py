@@ -159,6 +159,13 @@ class ViTConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
+def check_token_multiple(m: object) -> int:
+    """The token methods' sequence-length multiple (DynamicViT, ToMe): an int >= 1, 1 = no rounding."""
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"token_multiple: expected an int >= 1 (1 = lengths are not rounded), got {m!r}")
+    return m
+
+
 def check_images(x: object, input_shape: tuple[int, ...]) -> None:
     """Fail early on a wrong type, shape, channel count, image size, dtype or non-finite values."""
     want = f"(B, {', '.join(map(str, input_shape))})"

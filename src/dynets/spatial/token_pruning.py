@@ -36,7 +36,7 @@ from torch import nn
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
 from dynets.core.registry import register_model
 from dynets.core.serialization import register_architecture
-from dynets.models.vit import ViT, ViTConfig, trunc_init_, vit_config
+from dynets.models.vit import ViT, ViTConfig, check_token_multiple, trunc_init_, vit_config
 from dynets.train.estimators import gumbel_softmax, sample_gumbel
 
 
@@ -44,12 +44,6 @@ def check_keep_ratio(rho: object) -> float:
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho <= 1 or math.isnan(rho):
         raise ValueError(f"keep_ratio: expected a number in (0, 1], got {rho!r}")
     return float(rho)
-
-
-def check_token_multiple(m: object) -> int:
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"token_multiple: expected an int >= 1 (1 = no rounding), got {m!r}")
-    return m
 
 
 @dataclass
@@ -201,7 +195,7 @@ class DynamicViT(ViT):
         for s in range(len(self.predictors)):
             k = max(1, min(N, round(N * rho ** (s + 1))))
             if m > 1 and k + 1 >= m:
-                k = m * round((k + 1) / m) - 1
+                k = m * math.floor((k + 1) / m + 0.5) - 1  # nearest multiple, halves up
             k = min(k, prev)
             out.append(k)
             prev = k

@@ -169,19 +169,21 @@ def test_token_pruning_and_merging_export_as_one_graph_with_the_kept_tokens(tmp_
     small = {"dim": 48, "heads": 3, "image_size": 16}
     x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     dvit = dynets.create_model("dynamicvit_tiny", **small).eval()
-    dvit.keep_ratio = 0.5
+    dvit.keep_ratio, dvit.token_multiple = 0.5, 4  # sequence lengths rounded to multiples of 4
     rt = load_runtime(export_model(dvit, tmp_path / "d", format=fmt))
     ref, got = dvit(x), rt.run(x.numpy())
     np.testing.assert_allclose(got["logits"], ref.logits.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(got["flops"], ref.flops.numpy())
     for s in range(len(dvit.predictors)):  # each sample's own kept patches, as the eager model chose
         np.testing.assert_array_equal(got[f"kept_idx_{s}"], ref.decisions[f"kept_idx_{s}"].numpy())
-    assert rt.manifest["settings"] == {"keep_ratio": 0.5}
-    tvit = dynets.create_model("tome_vit_tiny", merge_r=4, **small).eval()
+    assert rt.manifest["settings"] == {"keep_ratio": 0.5, "token_multiple": 4}
+    assert got["kept_idx_0"].shape[1] == 7  # 8 patches -> a sequence of 9, rounded to 8
+    tvit = dynets.create_model("tome_vit_tiny", merge_r=4, token_multiple=4, **small).eval()
     rt = load_runtime(export_model(tvit, tmp_path / "t", format=fmt))
     ref, got = tvit(x), rt.run(x.numpy())
     np.testing.assert_allclose(got["logits"], ref.logits.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(got["flops"], ref.flops.numpy())
+    assert rt.manifest["settings"] == {"merge_r": 4, "token_multiple": 4}
     with pytest.raises(ValueError, match="has no run-time policy"):
         rt.run(x.numpy(), {"keep_ratio": 0.7})
 

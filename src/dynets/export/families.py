@@ -136,10 +136,15 @@ def _one_graph(model: nn.Module) -> tuple[Any, list[str], dict[str, Any]]:
             logits, kept = model.forward_pruned(x, rho)
             return (logits, *kept)
 
-        return pruned, ["logits", *[f"kept_idx_{s}" for s in range(S)]], {"keep_ratio": rho}
+        settings = {"keep_ratio": rho, "token_multiple": model.token_multiple}
+        return pruned, ["logits", *[f"kept_idx_{s}" for s in range(S)]], settings
     if isinstance(model, ToMeViT):
-        r = model.merge_r
-        return (lambda x: (tome_forward(model, x, r, track=False)[0],)), ["logits"], {"merge_r": r}
+        r, m = model.merge_r, model.config.token_multiple
+        return (
+            (lambda x: (tome_forward(model, x, r, track=False, multiple=m)[0],)),
+            ["logits"],
+            {"merge_r": r, "token_multiple": m},
+        )
     return (lambda x: (model.logits(x),)), ["logits"], {}
 
 

@@ -112,7 +112,9 @@ def tome_forward(
     size = t.new_ones(B, T)
     owner = torch.arange(T, device=x.device).expand(B, T) if track else None
     merged = False
-    for blk, k in zip(vit.blocks, merge_schedule(T, len(vit.blocks), check_r(r), multiple)):
+    # the schedule from the config, not from t.shape (a traced tensor under ONNX export)
+    schedule = merge_schedule(vit.num_patches + 1, len(vit.blocks), check_r(r), multiple)
+    for blk, k in zip(vit.blocks, schedule):
         bias = size.log()[:, None, None, :] if merged else None  # proportional attention
         h, keys = blk.attn(blk.norm1(t), bias, return_keys=True)
         t = t + h

@@ -10,6 +10,9 @@
 # Designed for about 45 minutes on 2 CPU cores; trained models are cached in ~/.cache/dynets/bench,
 # so a re-run with the same settings only repeats evaluation and timing (do that on a quiet machine).
 # Quick check (a few minutes): benchmarks/vit_cifar10.sh --quick --json /tmp/vit_quick.json
+# The reference ViT run (session 13, results/vit_cifar10_long*.json; ~45 min + ~30 min for the 4-epoch
+# fine-tunes): benchmarks/vit_cifar10.sh --parts vit --train-limit 0 --vit-epochs 10 --finetune-epochs 4 \
+#   --tome-r 8,10 --json benchmarks/results/vit_cifar10_long_ft4.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ " $* " == *" --json "* ]]; then

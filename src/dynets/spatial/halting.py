@@ -189,14 +189,17 @@ class HaltingViT(ViT):
         flops = torch.full((B,), float(self.embed_cost() + self.head_cost()), dtype=torch.float64, device=dev)
         live = torch.arange(B, device=dev)  # samples still running, ascending
         lut = torch.empty(B, dtype=torch.long, device=dev)
+        changed = True  # did the last block halt any token? (else its layout is still valid)
         for i, blk in enumerate(self.blocks):
             # 1. per-sample layout of the packed tokens: live index, count, position
-            lut[live] = torch.arange(live.numel(), device=dev)
-            sid = lut[sample]
-            counts = torch.bincount(sid, minlength=live.numel())
-            starts = counts.cumsum(0) - counts
-            pos = torch.arange(sid.numel(), device=dev) - starts[sid]
-            flops[live] += table[counts]
+            if changed:
+                lut[live] = torch.arange(live.numel(), device=dev)
+                sid = lut[sample]
+                counts = torch.bincount(sid, minlength=live.numel())
+                starts = counts.cumsum(0) - counts
+                pos = torch.arange(sid.numel(), device=dev) - starts[sid]
+                block_flops = table[counts]
+            flops[live] += block_flops
             depth[sample, tok] += 1
             # 2. the block on active tokens only
             xp = self._packed_block(blk, xp, sid, pos, counts)
@@ -209,6 +212,10 @@ class HaltingViT(ViT):
             done = torch.zeros(B, dtype=torch.bool, device=dev)
             done[sample[is_cls & halt]] = True
             keep = ~(halt | done[sample])
+            changed = not bool(keep.all())
+            if not changed:  # nobody halted (the early blocks): no compaction, the same layout
+                cum, rem = cum + h, rem - h
+                continue
             if not bool(keep.any()):
                 break
             xp, sample, tok = xp[keep], sample[keep], tok[keep]

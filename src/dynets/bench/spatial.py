@@ -461,9 +461,9 @@ def _glance_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress
 def _training_line(c: dict) -> str:
     if not c:
         return ""
-    n = c.get("train_limit") or 45000
+    n = f"{c['train_limit']} training images" if c.get("train_limit") else "all training images"
     return (
-        f"Training: the static ViT {c['vit_epochs']} epochs on {n} images (lr {c['vit_lr']}); DynamicViT "
+        f"Training: the static ViT {c['vit_epochs']} epochs on {n} (lr {c['vit_lr']}); DynamicViT "
         f"and A-ViT fine-tuned from it for {c['finetune_epochs']} epoch(s) (DynamicViT lr {c['dvit_lr']}, "
         f"its keep predictors x{c.get('dvit_predictor_lr_scale', 1.0):g}; A-ViT lr {c['halting_lr']}); ToMe "
         "untrained. Speed-ups: images/s vs the static ViT in the same process, alternating passes, medians."

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -164,6 +165,11 @@ def check_token_multiple(m: object) -> int:
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"token_multiple: expected an int >= 1 (1 = lengths are not rounded), got {m!r}")
     return m
+
+
+def nearest_multiple(n: float, m: int) -> int:
+    """The multiple of m nearest to n, halves rounded up (for sequence lengths)."""
+    return m * math.floor(n / m + 0.5)
 
 
 def check_images(x: object, input_shape: tuple[int, ...]) -> None:

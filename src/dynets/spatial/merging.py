@@ -20,7 +20,6 @@ token was merged into (class token first), for pictures of the merged groups.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
 from dynets.core.registry import register_model
 from dynets.core.serialization import register_architecture
-from dynets.models.vit import ViT, ViTConfig, check_token_multiple, vit_config
+from dynets.models.vit import ViT, ViTConfig, check_token_multiple, nearest_multiple, vit_config
 
 
 def check_r(r: object) -> int:
@@ -94,7 +93,7 @@ def merge_schedule(num_tokens: int, depth: int, r: int, multiple: int = 1) -> li
             k = r
         else:
             pace = num_tokens - r * (layer + 1)
-            target = multiple * math.floor(pace / multiple + 0.5) if pace >= multiple else pace  # half up
+            target = nearest_multiple(pace, multiple) if pace >= multiple else pace
             k = T - target if T - target >= multiple / 2 else 0
         k = max(0, min(k, (T - 1) // 2))
         out.append(k)

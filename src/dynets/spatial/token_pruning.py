@@ -36,7 +36,7 @@ from torch import nn
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
 from dynets.core.registry import register_model
 from dynets.core.serialization import register_architecture
-from dynets.models.vit import ViT, ViTConfig, check_token_multiple, trunc_init_, vit_config
+from dynets.models.vit import ViT, ViTConfig, check_token_multiple, nearest_multiple, trunc_init_, vit_config
 from dynets.train.estimators import gumbel_softmax, sample_gumbel
 
 
@@ -66,7 +66,8 @@ class DynamicViTConfig(ViTConfig):
     # run-time knob: round each stage's sequence length (kept patches + the class token) to the
     # nearest multiple of this (1 = no rounding; lengths below it are left as they are). PyTorch's
     # CPU attention kernel runs a length that is a multiple of 16 about twice as fast as one a few
-    # tokens shorter (48 tokens: 0.69 ms, 46: 1.37 ms at batch 64, dim 128, 4 heads), so 16 turns
+    # tokens shorter (48 tokens: 0.75 ms, 46: 1.38 ms at batch 64, dim 128, 4 heads; benchmarks/
+    # kernel_micro.py), so 16 turns
     # more of the saved FLOPs into saved time; the FLOPs follow the counts actually kept
     token_multiple: int = 1
 
@@ -195,7 +196,7 @@ class DynamicViT(ViT):
         for s in range(len(self.predictors)):
             k = max(1, min(N, round(N * rho ** (s + 1))))
             if m > 1 and k + 1 >= m:
-                k = m * math.floor((k + 1) / m + 0.5) - 1  # nearest multiple, halves up
+                k = nearest_multiple(k + 1, m) - 1
             k = min(k, prev)
             out.append(k)
             prev = k

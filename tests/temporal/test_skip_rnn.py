@@ -90,8 +90,9 @@ def test_open_gates_equal_the_plain_rnn(cell):
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("with_lengths", [False, True])
-def test_dynamic_equals_dense_and_per_sample_reference(cell, with_lengths):
-    m = _model(cell)
+@pytest.mark.parametrize("layers", [1, 2])  # a one-layer LSTM takes the executor's own step (lstm1_step)
+def test_dynamic_equals_dense_and_per_sample_reference(cell, with_lengths, layers):
+    m = _model(cell, layers=layers)
     x, lengths = _data()
     lengths = lengths if with_lengths else None
     out = m(x, lengths)
@@ -138,6 +139,55 @@ def test_skipped_steps_are_not_computed_and_flops_are_units_run(cell, monkeypatc
     assert counter.get_total_flops() == int(out.flops.sum())  # every FLOP spent is accounted for
     static = _model(cell, skip=False)
     assert torch.equal(static(x, lengths).flops, lengths.double() * one_step + head)
+
+
+def test_one_layer_lstm_step_runs_only_updating_rows_and_matches_the_cell(monkeypatch):
+    m = _model("lstm", layers=1)
+    x, lengths = _data()
+    rows = []
+    step = m.stack.lstm1_step
+    monkeypatch.setattr(
+        m.stack, "lstm1_step", lambda xt, h, c, w: rows.append(xt.shape[0]) or step(xt, h, c, w)
+    )
+    out = m(x, lengths)
+    assert sum(rows) == int(out.decisions["num_updates"].sum()) < int(lengths.sum())
+    assert max(rows) == x.shape[0] and len(rows) == int(out.decisions["num_updates"].max())  # rounds
+    monkeypatch.undo()
+    cell = nn.LSTMCell(3, 12)  # the fast step against torch's own cell with the same weights
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        getattr(cell, name).data.copy_(getattr(m.stack.rnn, f"{name}_l0"))
+    h, c = torch.randn(5, 12), torch.randn(5, 12)
+    with torch.no_grad():
+        got = m.stack.lstm1_step(x[:5, 0], h, c, m.stack.lstm1_weights())
+        want = cell(x[:5, 0], (h, c))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="one-layer LSTM, got 2-layer lstm"):
+        _model("lstm").stack.lstm1_weights()
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("layers", [1, 2])
+def test_pooled_equals_dynamic_per_batch(cell, layers):
+    m = _model(cell, layers=layers)
+    x, lengths = _data(b=23, seed=5)
+    ref = m(x, lengths)
+    for bs in (1, 4, 8, 64):  # continuous batching with at most bs live sequences
+        out = m.run_pooled(x, bs, lengths)
+        assert torch.equal(out.decisions["updated"], ref.decisions["updated"])
+        torch.testing.assert_close(out.logits, ref.logits, atol=1e-6, rtol=1e-5)
+        assert torch.equal(out.flops, ref.flops)
+    out = m.run_pooled(x, 5, threshold=0.9)
+    assert torch.equal(out.decisions["updated"], m(x, threshold=0.9).decisions["updated"])
+    assert m.run_pooled(x[:0], 4).logits.shape == (0, 4)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=f"batch_size: expected an int >= 1, got {bad!r}"):
+            m.run_pooled(x, bad)
+    with pytest.raises(ValueError, match="threshold"):
+        m.run_pooled(x, 4, threshold=0.0)
+    with pytest.raises(ValueError, match="static model"):
+        _model(cell, skip=False).run_pooled(x, 4)
+    with pytest.raises(ValueError, match="x: expected shape"):
+        m.run_pooled(x[0], 4)
 
 
 def _flops(module: nn.Module, x: torch.Tensor) -> int:

@@ -440,8 +440,9 @@ class _SequenceRuntime(_Runtime):
 
 class SkipRNNRuntime(_SequenceRuntime):
     """Runs an exported Skip-RNN on x (B, T, F) (optionally with lengths (B,)): at each step only
-    the rows whose accumulated update probability ũ reaches the threshold run the step graph; the
-    others add their last Δũ, as the eager model does. `policy`: {"threshold": t}."""
+    the rows due to update run the step graph; a row that updates at step t with Δũ is next due at
+    t + ceil(threshold / Δũ), the first step at which its accumulated ũ reaches the threshold, as
+    the eager model decides (SkipRNN.sleep_steps). `policy`: {"threshold": t}."""
 
     kind = "skip_rnn"
 
@@ -457,13 +458,15 @@ class SkipRNNRuntime(_SequenceRuntime):
         updated = np.zeros((B, T), dtype=bool)
         if B == 0:
             return self._empty(updated=updated, num_updates=np.zeros(0))
-        ut, delta = np.ones(B, dtype=np.float32), np.zeros(B, dtype=np.float32)
+        nxt = np.zeros(B, dtype=np.int64)  # each row's next update step (step 0 always updates)
         thr32 = np.float32(thr)
         for t in range(steps):
-            upd = (ut >= thr32) & self._valid(t, lengths, B)  # who updates at t
+            upd = (nxt == t) & self._valid(t, lengths, B)  # who updates at t
             if upd.any():  # the updating rows only
-                state[upd], delta[upd] = self._rows("step", upd, x[:, t], state)
-            ut = np.where(upd, delta, np.minimum(ut + delta, np.float32(1.0)))
+                state[upd], delta = self._rows("step", upd, x[:, t], state)
+                with np.errstate(divide="ignore"):  # next update: t + ceil(thr / Δũ), as SkipRNN.sleep_steps
+                    k = np.minimum(np.ceil(thr32 / np.asarray(delta, dtype=np.float32)), np.float32(T))
+                nxt[upd] = t + np.maximum(k, 1).astype(np.int64)
             updated[:, t] = upd
         n = updated.sum(1)
         flops = n * float(self.manifest["update_cost"]) + self.head_cost

@@ -121,6 +121,34 @@ class RecurrentStack(nn.Module):
             hs.append(inp)
         return torch.stack(hs + cs, 1)
 
+    def lstm1_weights(self) -> tuple[torch.Tensor, ...]:
+        """Weights of a one-layer LSTM laid out for `lstm1_step`: (W_ih^T (F, 4H), W_hh^T (H, 4H), summed
+        bias (4H,)), the cell-candidate block (gates i, f, g, o: the third) doubled, so that one sigmoid
+        over all four gates also gives tanh(g) = 2 * sigmoid(2g) - 1."""
+        if self.cell != "lstm" or self.layers != 1:
+            raise ValueError(f"lstm1_weights: expected a one-layer LSTM, got {self.layers}-layer {self.cell}")
+        r, H = self.rnn, self.hidden
+        scale = torch.ones(4 * H, 1, dtype=r.weight_hh_l0.dtype, device=r.weight_hh_l0.device)
+        scale[2 * H : 3 * H] = 2.0
+        w_ih, w_hh = r.weight_ih_l0 * scale, r.weight_hh_l0 * scale
+        return w_ih.t().contiguous(), w_hh.t().contiguous(), (r.bias_ih_l0 + r.bias_hh_l0) * scale[:, 0]
+
+    @staticmethod
+    def lstm1_step(
+        x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, weights: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of a one-layer LSTM for the rows given: x (b, F), h and c (b, H) -> new (h, c).
+
+        The arithmetic of nn.LSTM in the fewest ops (two matmuls, one sigmoid, five elementwise): at
+        the batch sizes a dynamic executor sees, each op's fixed cost matters as much as its work."""
+        w_ih_t, w_hh_t, b = weights
+        # one input feature: the input projection is an outer product (a quarter of addmm's time)
+        s = torch.addcmul(b, x, w_ih_t) if x.shape[1] == 1 else torch.addmm(b, x, w_ih_t)
+        s = s.addmm_(h, w_hh_t).sigmoid_()
+        i, f, g, o = s.chunk(4, 1)  # g holds sigmoid(2 * candidate)
+        c = (f * c).addcmul_(i, g, value=2.0).sub_(i)  # f c + i (2 sigmoid(2 g) - 1) = f c + i tanh(g)
+        return o * c.tanh(), c
+
     def top(self, state: torch.Tensor) -> torch.Tensor:
         """The top layer's output h, (b, H)."""
         return state[:, self.layers - 1]

@@ -7,13 +7,18 @@ A binary update gate u_t decides whether step t runs the cell or copies the stat
     Δũ_t     = sigmoid(w · m_t + b)  if u_t  else  Δũ_{t-1}  (m_t: top-layer c for an LSTM, h for a GRU)
     ũ_{t+1}  = u_t * Δũ_t + (1 - u_t) * min(ũ_t + Δũ_{t-1}, 1)
 
-so after an update with probability p the cell sleeps about threshold / p steps. Training runs every
-row densely with the straight-through estimator (hard gate forward, identity gradient) and adds a
-budget loss on the fraction of steps updated (aux["loss"]). Inference runs dynamically: at each step
-only the rows that update are gathered (index_select), stepped and written back (index_copy_); the
-others only add Δũ to ũ. Skipped steps cost no FLOPs: per-sample FLOPs = updates x (cell + gate)
-+ classifier. The threshold is a run-time knob (`model.threshold`, `forward(threshold=...)`),
-calibrated to an update budget with `calibrate_update_threshold`.
+so after an update with Δũ = p the cell sleeps: its next update is ceil(threshold / p) steps later,
+the first step at which ũ = min(k p, 1) reaches the threshold. Training runs every row densely with
+the straight-through estimator (hard gate forward, identity gradient) and adds a budget loss on the
+fraction of steps updated (aux["loss"]). Inference is event-driven (`run_dynamic`): since each
+update fixes the next one, a row's skipped steps are never visited; each round steps every live row
+at its own next update (one dense step of the live rows, whatever their time steps), and rows leave
+the batch when their sequence ends. `run_pooled` streams many sequences with at most `batch_size`
+live (continuous batching), so rounds stay full instead of ending on the few rows that update most.
+Skipped steps cost no FLOPs: per-sample FLOPs = updates x (cell + gate) + classifier. The threshold
+is a run-time knob (`model.threshold`, `forward(threshold=...)`), calibrated to an update budget
+with `calibrate_update_threshold`. A one-layer LSTM steps with `RecurrentStack.lstm1_step` (the
+cell's arithmetic in the fewest ops); other stacks with PyTorch's own cells.
 
 `skip=False` gives the static baseline (the same weights, every step, no gate), run with the fused
 nn.LSTM / nn.GRU kernel, the fastest static implementation. Batch size 1 takes a separate loop
@@ -22,6 +27,7 @@ that never touches a skipped step at all.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -210,37 +216,106 @@ class SkipRNN(nn.Module):
             },
         )
 
+    def sleep_steps(self, delta: torch.Tensor, thr: float, cap: int) -> torch.Tensor:
+        """Steps from an update to the next one, given the update's Δũ: the first k >= 1 with
+        k * Δũ >= threshold, i.e. ceil(threshold / Δũ) (at least 1, at most `cap`), as int64.
+
+        Every inference path (dense reference, dynamic, batch 1, exported runtime) takes its
+        decisions through this one float division, so they agree bit for bit."""
+        k = torch.div(delta.new_tensor(thr), delta).ceil_().clamp_(1, cap)
+        return k.long()
+
     def run_dynamic(
         self, x: torch.Tensor, lengths: torch.Tensor | None = None, threshold: float | None = None
     ) -> DynamicOutput:
-        """Compacting executor: at each step only the rows that update are computed."""
+        """Event-driven executor: each round advances every live sample straight to its own next
+        update (whatever its time step), so a round is one dense step of the live rows and a batch
+        takes as many rounds as its busiest sample has updates, instead of T steps of gathering.
+
+        Skipped steps are never visited: once a row updates at step t with Δũ, its next update is at
+        t + ceil(threshold / Δũ) (`sleep_steps`). Rows whose next update lies past their last step
+        leave the live set (their state is written out) and the rest are compacted."""
         thr = self.threshold if threshold is None else threshold
-        B, T, _ = x.shape
-        if B == 0:
+        return self._run_events(x, lengths, thr, capacity=x.shape[0])
+
+    @torch.no_grad()
+    def run_pooled(
+        self,
+        x: torch.Tensor,
+        batch_size: int,
+        lengths: torch.Tensor | None = None,
+        threshold: float | None = None,
+    ) -> DynamicOutput:
+        """Throughput mode (continuous batching): at most `batch_size` sequences are live at once, and
+        as sequences finish, the next ones of `x` (N, T, F) take their places (in chunks of a quarter
+        of `batch_size`), so the rounds keep running on nearly full batches instead of on the few
+        rows that update most, which is what a batch that only shrinks ends on. Same decisions,
+        logits (up to float rounding) and FLOPs per sample as `run_dynamic`; results in input order.
+        A sequence may wait for a free place, so use this for offline or server-side throughput."""
+        lengths = check_sequences(x, self.config.input_size, lengths)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+        if not self.config.skip:
+            raise ValueError("run_pooled: expected a Skip-RNN (skip=True), got the static model")
+        thr = self.threshold if threshold is None else check_threshold("threshold", threshold)
+        return self._run_events(x, lengths, thr, capacity=batch_size)
+
+    def _run_events(
+        self, x: torch.Tensor, lengths: torch.Tensor | None, thr: float, capacity: int
+    ) -> DynamicOutput:
+        """The event-driven rounds of `run_dynamic` / `run_pooled` with at most `capacity` live rows;
+        rows of x enter in input order whenever a quarter of the places (or all the rest) are free."""
+        N, T, F = x.shape
+        if N == 0:
             return self._empty(x, T)
-        valid = valid_mask(lengths, B, T, x.device).T.contiguous()  # (T, B)
-        steps = T if lengths is None else int(lengths.max())
-        state = self.stack.init_state(B, x)  # (B, R, H)
-        w = self.stack.prepare()  # per-layer weights laid out for step()
-        ut = x.new_ones(B)  # ũ
-        delta = x.new_zeros(B)  # Δũ of each row's last update
-        xt = x.transpose(0, 1).contiguous()  # (T, B, F): each step's rows contiguous for index_select
-        updated = []
-        for t in range(steps):
-            upd = ut >= thr if lengths is None else (ut >= thr) & valid[t]  # (B,) who updates at t
-            idx = upd.nonzero().squeeze(1)
-            n = idx.numel()
-            if n == B:  # everyone: no gathering needed
-                state = self.stack.step(xt[t], state, w)
-                delta = torch.sigmoid(self.gate(self.stack.memory(state))).squeeze(1)
-            elif n:
-                new = self.stack.step(xt[t].index_select(0, idx), state.index_select(0, idx), w)  # (n, R, H)
-                state.index_copy_(0, idx, new)
-                delta.index_copy_(0, idx, torch.sigmoid(self.gate(self.stack.memory(new))).squeeze(1))
-            ut = torch.where(upd, delta, (ut + delta).clamp_(max=1.0))
-            updated.append(upd)
-        updated += [torch.zeros_like(valid[0])] * (T - steps)
-        return self._output(self.stack.top(state), torch.stack(updated, 1))
+        fast = self.stack.cell == "lstm" and self.stack.layers == 1
+        if fast:  # one-layer LSTM: h and c kept apart, the step in the fewest ops
+            w = self.stack.lstm1_weights()
+            blank = x.new_zeros(0, self.config.hidden)
+            state: tuple[torch.Tensor, ...] = (blank, blank)
+            gate_w, gate_b = self.gate.weight[0], self.gate.bias
+        else:
+            w = self.stack.prepare()  # per-layer weights laid out for step()
+            state = (self.stack.init_state(0, x),)  # (n, R, H)
+        final = [s.new_empty(N, *s.shape[1:]) for s in state]  # each row's state after its last update
+        xflat = x.reshape(N * T, F)
+        rows = torch.zeros(0, dtype=torch.long, device=x.device)  # input positions of the live rows
+        pos = rows  # flat index (row * T + t) of each live row's next update
+        end = rows  # flat index past each live row's last step
+        admitted, refill, marks = 0, max(1, capacity // 4), []
+        while True:
+            free = capacity - rows.numel()
+            if admitted < N and free >= min(refill, N - admitted):  # admit the next rows (step 0 updates)
+                new = torch.arange(admitted, min(N, admitted + free), device=x.device)
+                admitted += new.numel()
+                start = new * T
+                last = start + (T if lengths is None else lengths.index_select(0, new))
+                state = tuple(torch.cat([s, s.new_zeros(new.numel(), *s.shape[1:])]) for s in state)
+                rows, pos, end = torch.cat([rows, new]), torch.cat([pos, start]), torch.cat([end, last])
+            if not rows.numel():
+                break
+            marks.append(pos)
+            xt = xflat.index_select(0, pos)
+            if fast:  # one dense step of the live rows, then the gate on the new memory c
+                state = self.stack.lstm1_step(xt, *state, w)
+                delta = torch.addmv(gate_b, state[1], gate_w).sigmoid_()
+            else:
+                state = (self.stack.step(xt, state[0], w),)
+                delta = torch.sigmoid(self.gate(self.stack.memory(state[0]))).squeeze(1)  # (n,) Δũ
+            pos = pos + self.sleep_steps(delta, thr, T)
+            done = pos >= end
+            if not bool(done.any()):
+                continue
+            fin, keep = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)
+            idx = rows.index_select(0, fin)
+            for out, s in zip(final, state):
+                out.index_copy_(0, idx, s.index_select(0, fin))
+            state = tuple(s.index_select(0, keep) for s in state)
+            rows, pos, end = (v.index_select(0, keep) for v in (rows, pos, end))
+        updated = torch.zeros(N * T, dtype=torch.bool, device=x.device)
+        updated[torch.cat(marks)] = True
+        top = final[0] if fast else self.stack.top(final[0])
+        return self._output(top, updated.view(N, T))
 
     def run_dense(
         self, x: torch.Tensor, lengths: torch.Tensor | None = None, threshold: float | None = None
@@ -252,39 +327,48 @@ class SkipRNN(nn.Module):
         if B == 0:
             return self._empty(x, T)
         valid = valid_mask(lengths, B, T, x.device)
-        state, ut, delta = self.stack.init_state(B, x), x.new_ones(B), x.new_zeros(B)
+        state = self.stack.init_state(B, x)
+        nxt = torch.zeros(B, dtype=torch.long, device=x.device)  # each row's next update step
         w = self.stack.prepare()  # per-layer weights laid out for step()
         updated = []
         for t in range(T):
-            upd = (ut >= thr) & valid[:, t]
+            upd = (nxt == t) & valid[:, t]
             new = self.stack.step(x[:, t], state, w)
             state = torch.where(upd[:, None, None], new, state)
-            delta = torch.where(upd, torch.sigmoid(self.gate(self.stack.memory(new))).squeeze(1), delta)
-            ut = torch.where(upd, delta, (ut + delta).clamp(max=1.0))
+            delta = torch.sigmoid(self.gate(self.stack.memory(new))).squeeze(1)
+            nxt = torch.where(upd, t + self.sleep_steps(delta, thr, T), nxt)
             updated.append(upd)
         return self._output(self.stack.top(state), torch.stack(updated, 1))
 
     def _run_single(self, x: torch.Tensor, lengths: torch.Tensor | None, thr: float) -> DynamicOutput:
-        """Batch size 1: jump from update to update; ũ is a float32 scalar, so a skipped step is one add."""
+        """Batch size 1: jump from update to update (`sleep_steps` in float32 scalars, no tensor ops)."""
         T = x.shape[1]
         steps = T if lengths is None else int(lengths[0])
-        thr32, one = np.float32(thr), np.float32(1.0)
-        ut, delta = one, np.float32(0.0)
-        state = self.stack.init_state(1, x)
-        w = self.stack.prepare()  # per-layer weights laid out for step()
+        thr32 = np.float32(thr)
+        fast = self.stack.cell == "lstm" and self.stack.layers == 1
+        if fast:
+            w = self.stack.lstm1_weights()
+            h = c = x.new_zeros(1, self.config.hidden)
+            gate_w, gate_b = self.gate.weight[0], self.gate.bias
+        else:
+            w = self.stack.prepare()  # per-layer weights laid out for step()
+            state = self.stack.init_state(1, x)
         xs = x[0]  # (T, F)
-        marks = []
-        for t in range(steps):
-            if ut >= thr32:
-                state = self.stack.step(xs[t : t + 1], state, w)
-                delta = np.float32(torch.sigmoid(self.gate(self.stack.memory(state))).item())
-                ut = delta
-                marks.append(t)
+        marks, t = [], 0
+        while t < steps:
+            marks.append(t)
+            if fast:
+                h, c = self.stack.lstm1_step(xs[t : t + 1], h, c, w)
+                delta = torch.addmv(gate_b, c, gate_w).sigmoid_().item()
             else:
-                ut = min(np.float32(ut + delta), one)
+                state = self.stack.step(xs[t : t + 1], state, w)
+                delta = torch.sigmoid(self.gate(self.stack.memory(state))).item()
+            with np.errstate(divide="ignore"):
+                k = thr32 / np.float32(delta)  # the same float32 division as sleep_steps
+            t += T if not k < T else max(1, math.ceil(k))
         updated = torch.zeros(1, T, dtype=torch.bool)
         updated[0, marks] = True
-        return self._output(self.stack.top(state), updated.to(x.device))
+        return self._output(h if fast else self.stack.top(state), updated.to(x.device))
 
 
 @torch.no_grad()

@@ -36,6 +36,21 @@ def test_bench_names_dispatch_to_their_own_parsers(capsys):
     assert "no-such-bench" in capsys.readouterr().err
 
 
+def test_bench_vit_and_skiprnn_are_the_spatial_and_temporal_benchmarks(monkeypatch):
+    import dynets.bench.spatial as spatial
+    import dynets.bench.temporal as temporal
+
+    seen = []
+    monkeypatch.setattr(spatial, "main", lambda argv: seen.append(("spatial", argv)) or 0)
+    monkeypatch.setattr(temporal, "main", lambda argv: seen.append(("temporal", argv)) or 0)
+    assert main(["bench", "vit", "--quick", "--json", "v.json"]) == 0
+    assert main(["bench", "skiprnn", "--quick", "--json", "s.json"]) == 0
+    assert seen == [
+        ("spatial", ["--parts", "vit", "--quick", "--json", "v.json"]),  # the ViT part only
+        ("temporal", ["--quick", "--json", "s.json"]),
+    ]
+
+
 def test_train_and_eval_a_sequence_model_from_the_cli(tmp_path, capsys, require_shared):
     require_shared("data/ucr-subset.tar.xz")
     run = tmp_path / "run"

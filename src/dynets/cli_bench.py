@@ -18,7 +18,12 @@ EXTERNAL_BENCHES: dict[str, tuple[str, str]] = {
     "spatial": ("dynets.bench.spatial", "ViT token pruning / halting / merging and glance-and-focus"),
     "serving": ("dynets.bench.serving", "budget-adaptive server vs a fixed operating point under load"),
     "deploy": ("dynets.bench.deploy", "export (ONNX, torch.export) and input-adaptive int8 quantization"),
+    # the names issue 5 gives: `vit` is the spatial benchmark's ViT part, `skiprnn` the temporal one
+    "vit": ("dynets.bench.spatial", "ViT token pruning / halting / merging only (spatial --parts vit)"),
+    "skiprnn": ("dynets.bench.temporal", "Skip-RNN on UCR sets and spoken digits (same as temporal)"),
 }
+# arguments put before the user's own (a later --parts of the user's overrides it)
+DEFAULT_ARGS: dict[str, list[str]] = {"vit": ["--parts", "vit"]}
 
 
 def bench_names() -> list[str]:
@@ -30,5 +35,5 @@ def run_external(name: str, argv: list[str]) -> int:
     if name not in EXTERNAL_BENCHES:
         raise SystemExit(f"bench: expected one of {bench_names()}, got {name!r}")
     module = importlib.import_module(EXTERNAL_BENCHES[name][0])
-    status = module.main(argv)
+    status = module.main([*DEFAULT_ARGS.get(name, []), *argv])
     return int(status or 0)

@@ -211,6 +211,14 @@ def test_skip_rnn_export_updates_only_the_rows_the_gate_lets_through(tmp_path, c
         np.testing.assert_array_equal(got["flops"], ref.flops.numpy())
     upd = rt.run(x.numpy())["updated"]
     assert upd.any() and not upd.all()  # some steps skipped: the split is exercised
+    assert rt.run(x.numpy(), {"threshold": 0.0})["updated"].all()  # threshold 0: every step updates
+    with torch.no_grad():
+        model.gate.weight.zero_()
+        model.gate.bias.fill_(-200.0)  # a saturated gate: Δũ = 0
+    rt = load_runtime(export_model(model, tmp_path / "saturated", format=fmt))
+    assert rt.run(x.numpy(), {"threshold": 0.0})["updated"].all()  # 0 / 0 still means every step
+    np.testing.assert_array_equal(rt.run(x.numpy())["updated"], model(x).decisions["updated"].numpy())
+    assert rt.run(x.numpy())["updated"].sum() == 7  # the first step only
     with pytest.raises(ValueError, match="lengths: expected"):
         rt.run(x.numpy(), None, np.zeros(7, np.int64))
 

@@ -190,6 +190,44 @@ def test_pooled_equals_dynamic_per_batch(cell, layers):
         m.run_pooled(x[0], 4)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_sleep_is_exact_at_rounding_edges_on_every_path(layers):
+    """Δũ = float32(0.14999999), threshold 0.9: 6 Δũ < 0.9 <= 7 Δũ exactly, though float32(0.9 / Δũ) is 6;
+    a saturated gate (Δũ = 0) with a tiny threshold sleeps to the end instead of failing."""
+    from fractions import Fraction
+
+    m = _model("lstm", layers=layers)
+    x, lengths = _data(b=3, t=15)
+    for bias, thr in ((-1.7346011400222778, 0.9), (-200.0, 1e-300)):
+        with torch.no_grad():
+            m.gate.weight.zero_()
+            m.gate.bias.fill_(bias)
+            delta = float(torch.sigmoid(m.gate.bias.detach())[0])
+        k = 1
+        while delta > 0 and k * Fraction(delta) < Fraction(thr):  # exact arithmetic
+            k += 1
+        want = [t % k == 0 if delta > 0 else t == 0 for t in range(15)]
+        assert k == (7 if delta else 1)
+        if delta:  # the edge is real: a float32 division would say 6
+            assert math.ceil(torch.tensor(0.9) / torch.tensor(delta)) == 6
+        paths = {
+            "dynamic": m(x, threshold=thr),
+            "pooled": m.run_pooled(x, 2, threshold=thr),
+            "dense": m.run_dense(x, threshold=thr),
+            "batch 1": m(x[:1], threshold=thr),
+        }
+        for name, out in paths.items():
+            for row in out.decisions["updated"].tolist():
+                assert row == want, name
+        short = m(x, lengths, threshold=thr).decisions["updated"]
+        for i, n in enumerate(lengths.tolist()):
+            assert short[i].tolist() == [w and t < n for t, w in enumerate(want)]
+    with pytest.raises(ValueError, match="threshold"):
+        m.run_dynamic(x, threshold=1.5)
+    with pytest.raises(ValueError, match="threshold"):
+        m.run_dense(x, threshold=0.0)
+
+
 def _flops(module: nn.Module, x: torch.Tensor) -> int:
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():

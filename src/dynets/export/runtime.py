@@ -459,14 +459,14 @@ class SkipRNNRuntime(_SequenceRuntime):
         if B == 0:
             return self._empty(updated=updated, num_updates=np.zeros(0))
         nxt = np.zeros(B, dtype=np.int64)  # each row's next update step (step 0 always updates)
-        thr32 = np.float32(thr)
         for t in range(steps):
             upd = (nxt == t) & self._valid(t, lengths, B)  # who updates at t
             if upd.any():  # the updating rows only
                 state[upd], delta = self._rows("step", upd, x[:, t], state)
-                with np.errstate(divide="ignore"):  # next update: t + ceil(thr / Δũ), as SkipRNN.sleep_steps
-                    k = np.minimum(np.ceil(thr32 / np.asarray(delta, dtype=np.float32)), np.float32(T))
-                nxt[upd] = t + np.maximum(k, 1).astype(np.int64)
+                d = np.asarray(delta, dtype=np.float64)  # next update: as SkipRNN.sleep_steps
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    k = np.clip(np.nan_to_num(np.ceil(thr / d), nan=1.0), 1, T)  # 0 / 0 (threshold 0): 1
+                nxt[upd] = t + (k + (k * d < thr)).astype(np.int64)
             updated[:, t] = upd
         n = updated.sum(1)
         flops = n * float(self.manifest["update_cost"]) + self.head_cost

@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -216,14 +215,19 @@ class SkipRNN(nn.Module):
             },
         )
 
-    def sleep_steps(self, delta: torch.Tensor, thr: float, cap: int) -> torch.Tensor:
+    @staticmethod
+    def sleep_steps(delta: torch.Tensor, thr: float, cap: int) -> torch.Tensor:
         """Steps from an update to the next one, given the update's Δũ: the first k >= 1 with
-        k * Δũ >= threshold, i.e. ceil(threshold / Δũ) (at least 1, at most `cap`), as int64.
+        k * Δũ >= threshold in exact arithmetic (at least 1, at most `cap`), as int64.
 
-        Every inference path (dense reference, dynamic, batch 1, exported runtime) takes its
-        decisions through this one float division, so they agree bit for bit."""
-        k = torch.div(delta.new_tensor(thr), delta).ceil_().clamp_(1, cap)
-        return k.long()
+        ceil(threshold / Δũ) in float64, plus one where the quotient was rounded down onto a whole
+        number (k * Δũ is exact in float64 for a float32 Δũ, so the check is too). The step-by-step
+        float32 sum ũ + Δũ of the paper's formulation (training) can differ from this by a step where
+        threshold / Δũ lies within rounding of a whole number. Every inference path (dense reference,
+        dynamic, pooled, batch 1, exported runtime) decides by this same arithmetic."""
+        d = delta.double()
+        k = torch.div(d.new_tensor(thr), d).ceil_().clamp_(1, cap)
+        return k.add_(k * d < thr).long()
 
     def run_dynamic(
         self, x: torch.Tensor, lengths: torch.Tensor | None = None, threshold: float | None = None
@@ -235,7 +239,7 @@ class SkipRNN(nn.Module):
         Skipped steps are never visited: once a row updates at step t with Δũ, its next update is at
         t + ceil(threshold / Δũ) (`sleep_steps`). Rows whose next update lies past their last step
         leave the live set (their state is written out) and the rest are compacted."""
-        thr = self.threshold if threshold is None else threshold
+        thr = self.threshold if threshold is None else check_threshold("threshold", threshold)
         return self._run_events(x, lengths, thr, capacity=x.shape[0])
 
     @torch.no_grad()
@@ -322,7 +326,7 @@ class SkipRNN(nn.Module):
     ) -> DynamicOutput:
         """Reference (and the masked baseline): every row is computed at every step, and the gate
         decisions, taken by the same rule, only select which result is kept. Saves nothing."""
-        thr = self.threshold if threshold is None else threshold
+        thr = self.threshold if threshold is None else check_threshold("threshold", threshold)
         B, T, _ = x.shape
         if B == 0:
             return self._empty(x, T)
@@ -341,10 +345,9 @@ class SkipRNN(nn.Module):
         return self._output(self.stack.top(state), torch.stack(updated, 1))
 
     def _run_single(self, x: torch.Tensor, lengths: torch.Tensor | None, thr: float) -> DynamicOutput:
-        """Batch size 1: jump from update to update (`sleep_steps` in float32 scalars, no tensor ops)."""
+        """Batch size 1: jump from update to update (`sleep_steps` in Python floats, no tensor ops)."""
         T = x.shape[1]
         steps = T if lengths is None else int(lengths[0])
-        thr32 = np.float32(thr)
         fast = self.stack.cell == "lstm" and self.stack.layers == 1
         if fast:
             w = self.stack.lstm1_weights()
@@ -363,9 +366,8 @@ class SkipRNN(nn.Module):
             else:
                 state = self.stack.step(xs[t : t + 1], state, w)
                 delta = torch.sigmoid(self.gate(self.stack.memory(state))).item()
-            with np.errstate(divide="ignore"):
-                k = thr32 / np.float32(delta)  # the same float32 division as sleep_steps
-            t += T if not k < T else max(1, math.ceil(k))
+            k = float(T) if delta == 0.0 else min(max(math.ceil(thr / delta), 1), T)  # as sleep_steps
+            t += int(k) + (k * delta < thr)
         updated = torch.zeros(1, T, dtype=torch.bool)
         updated[0, marks] = True
         return self._output(h if fast else self.stack.top(state), updated.to(x.device))

@@ -75,6 +75,24 @@ def test_dynamic_equals_dense_and_per_sample_reference(cell, with_lengths, conf)
         assert 0.2 < read.float().mean() < 0.9  # the policy really skips some frames
 
 
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("conf", [None, 0.3])
+def test_pooled_equals_dynamic(cell, conf):
+    m = _model(cell)
+    x, lengths = _data(b=19, seed=4)
+    ref = m(x, lengths, stop_confidence=conf)
+    for bs in (1, 3, 8, 32):  # continuous batching with at most bs live sequences
+        out = m.run_pooled(x, bs, lengths, conf)
+        for key in ("read", "stop_step", "num_reads"):
+            assert torch.equal(out.decisions[key], ref.decisions[key])
+        torch.testing.assert_close(out.logits, ref.logits, atol=1e-6, rtol=1e-5)
+        assert torch.equal(out.flops, ref.flops)
+    with pytest.raises(ValueError, match="batch_size: expected an int >= 1, got 0"):
+        m.run_pooled(x, 0)
+    with pytest.raises(ValueError, match="stop_confidence"):
+        m.run_pooled(x, 4, stop_confidence=1.5)
+
+
 def test_skipped_frames_cost_nothing_and_flops_are_units_run(monkeypatch):
     m = _model()
     x, lengths = _data()

@@ -11,6 +11,7 @@ sample's whole state.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -174,6 +175,111 @@ class RecurrentStack(nn.Module):
             x = p.new_zeros(1, self.input_size)
             self.__dict__["_step_flops"] = measure_flops(self.step, x, self.init_state(1, x))
         return self.__dict__["_step_flops"]
+
+
+# decide(top, memory, rows, pos) -> (n,) int64 >= 1: steps from each live row's current step to its next
+# one (a value that reaches past the row's length ends it); top and memory are the live rows' top h and
+# c (LSTM) or h (GRU) after this step, rows their input positions, pos their flat index row * T + t
+Decide = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def run_events(
+    stack: RecurrentStack,
+    x: torch.Tensor,
+    lengths: torch.Tensor | None,
+    capacity: int,
+    decide: Decide,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Event-driven executor of the skipping RNNs: each round steps every live sequence at its own
+    next step (one dense step of the n live rows, whatever their time steps), and `decide` says how
+    far each one jumps next, so skipped steps are never visited and a batch takes as many rounds as
+    its busiest sequence has steps computed. At most `capacity` sequences are live: rows of x enter
+    in input order whenever a quarter of the places (or all the rest) are free, and leave when their
+    next step lies past their length (their state is written out, the rest compacted). capacity =
+    len(x) is one batch; less is continuous batching. Every row computes step 0.
+
+    A one-layer LSTM steps with `lstm1_step` (h and c kept apart); other stacks with `stack.step`.
+    Returns each row's top-layer h after its last step (N, H) and the steps computed (N, T) bool."""
+    N, T, F = x.shape
+    fast = stack.cell == "lstm" and stack.layers == 1
+    if fast:
+        w = stack.lstm1_weights()
+        blank = x.new_zeros(0, stack.hidden)
+        state: tuple[torch.Tensor, ...] = (blank, blank)
+    else:
+        w = stack.prepare()
+        state = (stack.init_state(0, x),)  # (n, R, H)
+    final = [s.new_empty(N, *s.shape[1:]) for s in state]  # each row's state after its last step
+    xflat = x.reshape(N * T, F)
+    rows = torch.zeros(0, dtype=torch.long, device=x.device)  # input positions of the live rows
+    pos = rows  # flat index (row * T + t) of each live row's next step
+    end = rows  # flat index past each live row's last step
+    admitted, refill, marks = 0, max(1, capacity // 4), []
+    while True:
+        free = capacity - rows.numel()
+        if admitted < N and free >= min(refill, N - admitted):  # admit the next rows, at step 0
+            new = torch.arange(admitted, min(N, admitted + free), device=x.device)
+            admitted += new.numel()
+            start = new * T
+            last = start + (T if lengths is None else lengths.index_select(0, new))
+            state = tuple(torch.cat([s, s.new_zeros(new.numel(), *s.shape[1:])]) for s in state)
+            rows, pos, end = torch.cat([rows, new]), torch.cat([pos, start]), torch.cat([end, last])
+        if not rows.numel():
+            break
+        marks.append(pos)
+        xt = xflat.index_select(0, pos)
+        if fast:
+            state = stack.lstm1_step(xt, *state, w)
+            top, memory = state
+        else:
+            state = (stack.step(xt, state[0], w),)
+            top, memory = stack.top(state[0]), stack.memory(state[0])
+        pos = pos + decide(top, memory, rows, pos)
+        done = pos >= end
+        if not bool(done.any()):
+            continue
+        fin, keep = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)
+        idx = rows.index_select(0, fin)
+        for out, s in zip(final, state):
+            out.index_copy_(0, idx, s.index_select(0, fin))
+        state = tuple(s.index_select(0, keep) for s in state)
+        rows, pos, end = (v.index_select(0, keep) for v in (rows, pos, end))
+    computed = torch.zeros(N * T, dtype=torch.bool, device=x.device)
+    if marks:
+        computed[torch.cat(marks)] = True
+    return (final[0] if fast else stack.top(final[0])), computed.view(N, T)
+
+
+def run_events_single(
+    stack: RecurrentStack, x: torch.Tensor, steps: int, decide: Callable[..., int]
+) -> tuple[torch.Tensor, list[int]]:
+    """`run_events` for one sequence x (1, T, F) of `steps` valid steps, in Python ints (no
+    compaction, no index tensors): decide(top, memory, t) -> the steps to the next one (>= 1).
+    Returns the top-layer h after the last step computed (1, H) and the steps computed."""
+    fast = stack.cell == "lstm" and stack.layers == 1
+    if fast:
+        w = stack.lstm1_weights()
+        state: tuple[torch.Tensor, ...] = (x.new_zeros(1, stack.hidden), x.new_zeros(1, stack.hidden))
+    else:
+        w = stack.prepare()
+        state = (stack.init_state(1, x),)
+    xs, t, marks = x[0], 0, []
+    while t < steps:
+        marks.append(t)
+        if fast:
+            state = stack.lstm1_step(xs[t : t + 1], *state, w)
+            top, memory = state
+        else:
+            state = (stack.step(xs[t : t + 1], state[0], w),)
+            top, memory = stack.top(state[0]), stack.memory(state[0])
+        t += decide(top, memory, t)
+    return (state[0] if fast else stack.top(state[0])), marks
+
+
+def check_batch_size(batch_size: object) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    return batch_size
 
 
 def valid_mask(lengths: torch.Tensor | None, batch: int, steps: int, device: torch.device) -> torch.Tensor:

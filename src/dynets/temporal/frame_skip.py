@@ -31,7 +31,16 @@ from torch import nn
 from dynets.core.cost import measure_flops
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
 from dynets.core.serialization import register_architecture
-from dynets.temporal.base import CELLS, RecurrentStack, check_sequences, check_threshold, valid_mask
+from dynets.temporal.base import (
+    CELLS,
+    RecurrentStack,
+    check_batch_size,
+    check_sequences,
+    check_threshold,
+    run_events,
+    run_events_single,
+    valid_mask,
+)
 from dynets.train.estimators import budget_loss, gumbel_softmax
 
 __all__ = ["FrameSkipConfig", "FrameSkipRNN"]
@@ -174,63 +183,72 @@ class FrameSkipRNN(nn.Module):
     def run_dynamic(
         self, x: torch.Tensor, lengths: torch.Tensor | None = None, stop_confidence: float | None = None
     ) -> DynamicOutput:
-        """Compacting executor: at each frame only the rows due to read are gathered and stepped."""
-        B, T, _ = x.shape
-        read = torch.zeros(B, T, dtype=torch.bool, device=x.device)
-        stop = torch.full((B,), -1, dtype=torch.long, device=x.device)  # frame where a row stopped early
-        logits = x.new_zeros(B, self.num_classes)
-        if B == 0:
-            return self._output(logits, read, stop, stop_confidence)
-        valid = valid_mask(lengths, B, T, x.device).T.contiguous()  # (T, B)
-        steps = T if lengths is None else int(lengths.max())
-        state = self.stack.init_state(B, x)
-        w = self.stack.prepare()  # per-layer weights laid out for step()
-        countdown = torch.zeros(B, dtype=torch.long, device=x.device)  # frames left to skip
-        active = torch.ones(B, dtype=torch.bool, device=x.device)  # not stopped early
-        for t in range(steps):
-            due = (countdown == 0) & valid[t] & active  # (B,) rows that read frame t
-            idx = due.nonzero().squeeze(1)
-            if idx.numel():
-                new = self.stack.step(
-                    x[:, t].index_select(0, idx), state.index_select(0, idx), w
-                )  # (n, R, H)
-                state.index_copy_(0, idx, new)
-                top = self.stack.top(new)
-                countdown.index_copy_(0, idx, self.skip_policy(top).argmax(1))
-                read[idx, t] = True
-                if stop_confidence is not None:
-                    lg = self.head(top)
-                    done = lg.softmax(1).amax(1) >= stop_confidence
-                    if bool(done.any()):
-                        gone = idx[done]
-                        logits.index_copy_(0, gone, lg[done])
-                        stop.index_fill_(0, gone, t)
-                        active.index_fill_(0, gone, False)
-            countdown = torch.where(due, countdown, countdown - 1)
-        rest = active.nonzero().squeeze(1)
+        """Event-driven executor (`run_events`): each round reads the next due frame of every live
+        row, whatever its time step, and the policy's skip length says where the row reads next; a
+        row that stops early (or runs past its length) leaves the batch."""
+        return self._run_events(x, lengths, stop_confidence, capacity=x.shape[0])
+
+    @torch.no_grad()
+    def run_pooled(
+        self,
+        x: torch.Tensor,
+        batch_size: int,
+        lengths: torch.Tensor | None = None,
+        stop_confidence: float | None = None,
+    ) -> DynamicOutput:
+        """Throughput mode (continuous batching, as `SkipRNN.run_pooled`): at most `batch_size`
+        sequences read at once, the next ones of x taking the places of those that finish. Same
+        decisions, logits (up to float rounding) and FLOPs per sample as `run_dynamic`."""
+        lengths = check_sequences(x, self.config.input_size, lengths)
+        return self._run_events(x, lengths, stop_confidence, capacity=check_batch_size(batch_size))
+
+    def _run_events(
+        self, x: torch.Tensor, lengths: torch.Tensor | None, conf: float | None, capacity: int
+    ) -> DynamicOutput:
+        if conf is not None:
+            check_threshold("stop_confidence", conf)
+        N, T, _ = x.shape
+        stop = torch.full((N,), -1, dtype=torch.long, device=x.device)  # frame where a row stopped early
+        if N == 0:
+            empty = torch.zeros(0, T, dtype=torch.bool, device=x.device)
+            return self._output(x.new_zeros(0, self.num_classes), empty, stop, conf)
+
+        logits = x.new_zeros(N, self.num_classes)
+
+        def decide(top, memory, rows, pos):
+            k = self.skip_policy(top).argmax(1) + 1  # read the frame after the skipped ones
+            if conf is not None:
+                lg = self.head(top)
+                done = lg.softmax(1).amax(1) >= conf  # confident: stop reading for good
+                if bool(done.any()):
+                    r = rows[done]
+                    logits.index_copy_(0, r, lg[done])
+                    stop.index_copy_(0, r, pos[done] - r * T)
+                    k = torch.where(done, T, k)
+            return k
+
+        top, read = run_events(self.stack, x, lengths, capacity, decide)
+        rest = (stop < 0).nonzero().squeeze(1)  # the rows that read to the end: classify them now
         if rest.numel():
-            logits.index_copy_(0, rest, self.head(self.stack.top(state).index_select(0, rest)))
-        return self._output(logits, read, stop, stop_confidence)
+            logits.index_copy_(0, rest, self.head(top.index_select(0, rest)))
+        return self._output(logits, read, stop, conf)
 
     def _run_single(self, x: torch.Tensor, lengths: torch.Tensor | None, conf: float | None) -> DynamicOutput:
         """Batch size 1: jump straight from read to read; skipped frames are never touched."""
         T = x.shape[1]
-        steps = T if lengths is None else int(lengths[0])
-        state, t, marks, stop, logits = self.stack.init_state(1, x), 0, [], -1, None
-        w = self.stack.prepare()  # per-layer weights laid out for step()
-        while t < steps:
-            state = self.stack.step(x[0, t : t + 1], state, w)
-            marks.append(t)
-            top = self.stack.top(state)
-            skip = int(self.skip_policy(top).argmax(1))
+        found: list = []  # (logits, frame) of an early stop
+
+        def decide(top, memory, t):
+            k = 1 + int(self.skip_policy(top).argmax(1))  # every read runs the policy (its FLOPs are counted)
             if conf is not None:
                 lg = self.head(top)
                 if float(lg.softmax(1).amax()) >= conf:
-                    logits, stop = lg, t
-                    break
-            t += 1 + skip
-        if logits is None:
-            logits = self.head(self.stack.top(state))
+                    found.append((lg, t))
+                    return T  # stop reading for good
+            return k
+
+        top, marks = run_events_single(self.stack, x, T if lengths is None else int(lengths[0]), decide)
+        logits, stop = found[0] if found else (self.head(top), -1)
         read = torch.zeros(1, T, dtype=torch.bool)
         read[0, marks] = True
         stop_t = torch.tensor([stop], dtype=torch.long, device=x.device)

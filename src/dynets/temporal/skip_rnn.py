@@ -36,7 +36,16 @@ from torch import nn
 from dynets.core.cost import measure_flops
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
 from dynets.core.serialization import register_architecture
-from dynets.temporal.base import CELLS, RecurrentStack, check_sequences, check_threshold, valid_mask
+from dynets.temporal.base import (
+    CELLS,
+    RecurrentStack,
+    check_batch_size,
+    check_sequences,
+    check_threshold,
+    run_events,
+    run_events_single,
+    valid_mask,
+)
 from dynets.train.estimators import budget_loss, straight_through_threshold
 
 __all__ = ["SkipRNN", "SkipRNNConfig", "calibrate_update_threshold"]
@@ -215,6 +224,13 @@ class SkipRNN(nn.Module):
             },
         )
 
+    def update_probability(self, memory: torch.Tensor, weight_t: torch.Tensor | None = None) -> torch.Tensor:
+        """Δũ (b, 1) of the rows whose memory (b, H) is given, for the inference paths: the gate's own
+        arithmetic without the nn.Module call, which costs a few microseconds per step (batch 1
+        notices); weight_t: the gate's weight transposed, made once per pass."""
+        w = self.gate.weight.t() if weight_t is None else weight_t
+        return torch.addmm(self.gate.bias, memory, w).sigmoid_()
+
     @staticmethod
     def sleep_steps(delta: torch.Tensor, thr: float, cap: int) -> torch.Tensor:
         """Steps from an update to the next one, given the update's Δũ: the first k >= 1 with
@@ -257,8 +273,7 @@ class SkipRNN(nn.Module):
         logits (up to float rounding) and FLOPs per sample as `run_dynamic`; results in input order.
         A sequence may wait for a free place, so use this for offline or server-side throughput."""
         lengths = check_sequences(x, self.config.input_size, lengths)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+        check_batch_size(batch_size)
         if not self.config.skip:
             raise ValueError("run_pooled: expected a Skip-RNN (skip=True), got the static model")
         thr = self.threshold if threshold is None else check_threshold("threshold", threshold)
@@ -267,59 +282,18 @@ class SkipRNN(nn.Module):
     def _run_events(
         self, x: torch.Tensor, lengths: torch.Tensor | None, thr: float, capacity: int
     ) -> DynamicOutput:
-        """The event-driven rounds of `run_dynamic` / `run_pooled` with at most `capacity` live rows;
-        rows of x enter in input order whenever a quarter of the places (or all the rest) are free."""
-        N, T, F = x.shape
+        """`run_events` with the update gate deciding each row's next update (`sleep_steps`)."""
+        N, T, _ = x.shape
         if N == 0:
             return self._empty(x, T)
-        fast = self.stack.cell == "lstm" and self.stack.layers == 1
-        if fast:  # one-layer LSTM: h and c kept apart, the step in the fewest ops
-            w = self.stack.lstm1_weights()
-            blank = x.new_zeros(0, self.config.hidden)
-            state: tuple[torch.Tensor, ...] = (blank, blank)
-            gate_w, gate_b = self.gate.weight[0], self.gate.bias
-        else:
-            w = self.stack.prepare()  # per-layer weights laid out for step()
-            state = (self.stack.init_state(0, x),)  # (n, R, H)
-        final = [s.new_empty(N, *s.shape[1:]) for s in state]  # each row's state after its last update
-        xflat = x.reshape(N * T, F)
-        rows = torch.zeros(0, dtype=torch.long, device=x.device)  # input positions of the live rows
-        pos = rows  # flat index (row * T + t) of each live row's next update
-        end = rows  # flat index past each live row's last step
-        admitted, refill, marks = 0, max(1, capacity // 4), []
-        while True:
-            free = capacity - rows.numel()
-            if admitted < N and free >= min(refill, N - admitted):  # admit the next rows (step 0 updates)
-                new = torch.arange(admitted, min(N, admitted + free), device=x.device)
-                admitted += new.numel()
-                start = new * T
-                last = start + (T if lengths is None else lengths.index_select(0, new))
-                state = tuple(torch.cat([s, s.new_zeros(new.numel(), *s.shape[1:])]) for s in state)
-                rows, pos, end = torch.cat([rows, new]), torch.cat([pos, start]), torch.cat([end, last])
-            if not rows.numel():
-                break
-            marks.append(pos)
-            xt = xflat.index_select(0, pos)
-            if fast:  # one dense step of the live rows, then the gate on the new memory c
-                state = self.stack.lstm1_step(xt, *state, w)
-                delta = torch.addmv(gate_b, state[1], gate_w).sigmoid_()
-            else:
-                state = (self.stack.step(xt, state[0], w),)
-                delta = torch.sigmoid(self.gate(self.stack.memory(state[0]))).squeeze(1)  # (n,) Δũ
-            pos = pos + self.sleep_steps(delta, thr, T)
-            done = pos >= end
-            if not bool(done.any()):
-                continue
-            fin, keep = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)
-            idx = rows.index_select(0, fin)
-            for out, s in zip(final, state):
-                out.index_copy_(0, idx, s.index_select(0, fin))
-            state = tuple(s.index_select(0, keep) for s in state)
-            rows, pos, end = (v.index_select(0, keep) for v in (rows, pos, end))
-        updated = torch.zeros(N * T, dtype=torch.bool, device=x.device)
-        updated[torch.cat(marks)] = True
-        top = final[0] if fast else self.stack.top(final[0])
-        return self._output(top, updated.view(N, T))
+
+        w, b, sleep = self.gate.weight.t(), self.gate.bias, self.sleep_steps  # attribute lookups, once
+
+        def decide(top, memory, rows, pos):  # the gate as in update_probability, without the calls
+            return sleep(torch.addmm(b, memory, w).sigmoid_().view(-1), thr, T)
+
+        top, updated = run_events(self.stack, x, lengths, capacity, decide)
+        return self._output(top, updated)
 
     def run_dense(
         self, x: torch.Tensor, lengths: torch.Tensor | None = None, threshold: float | None = None
@@ -339,7 +313,7 @@ class SkipRNN(nn.Module):
             upd = (nxt == t) & valid[:, t]
             new = self.stack.step(x[:, t], state, w)
             state = torch.where(upd[:, None, None], new, state)
-            delta = torch.sigmoid(self.gate(self.stack.memory(new))).squeeze(1)
+            delta = self.update_probability(self.stack.memory(new)).view(-1)
             nxt = torch.where(upd, t + self.sleep_steps(delta, thr, T), nxt)
             updated.append(upd)
         return self._output(self.stack.top(state), torch.stack(updated, 1))
@@ -347,30 +321,17 @@ class SkipRNN(nn.Module):
     def _run_single(self, x: torch.Tensor, lengths: torch.Tensor | None, thr: float) -> DynamicOutput:
         """Batch size 1: jump from update to update (`sleep_steps` in Python floats, no tensor ops)."""
         T = x.shape[1]
-        steps = T if lengths is None else int(lengths[0])
-        fast = self.stack.cell == "lstm" and self.stack.layers == 1
-        if fast:
-            w = self.stack.lstm1_weights()
-            h = c = x.new_zeros(1, self.config.hidden)
-            gate_w, gate_b = self.gate.weight[0], self.gate.bias
-        else:
-            w = self.stack.prepare()  # per-layer weights laid out for step()
-            state = self.stack.init_state(1, x)
-        xs = x[0]  # (T, F)
-        marks, t = [], 0
-        while t < steps:
-            marks.append(t)
-            if fast:
-                h, c = self.stack.lstm1_step(xs[t : t + 1], h, c, w)
-                delta = torch.addmv(gate_b, c, gate_w).sigmoid_().item()
-            else:
-                state = self.stack.step(xs[t : t + 1], state, w)
-                delta = torch.sigmoid(self.gate(self.stack.memory(state))).item()
-            k = float(T) if delta == 0.0 else min(max(math.ceil(thr / delta), 1), T)  # as sleep_steps
-            t += int(k) + (k * delta < thr)
+        w, b = self.gate.weight.t(), self.gate.bias
+
+        def decide(top, memory, t):
+            delta = torch.addmm(b, memory, w).sigmoid_().item()  # update_probability, inlined
+            k = T if delta == 0.0 else min(max(math.ceil(thr / delta), 1), T)  # as sleep_steps
+            return k + (k * delta < thr)
+
+        top, marks = run_events_single(self.stack, x, T if lengths is None else int(lengths[0]), decide)
         updated = torch.zeros(1, T, dtype=torch.bool)
         updated[0, marks] = True
-        return self._output(h if fast else self.stack.top(state), updated.to(x.device))
+        return self._output(top, updated.to(x.device))
 
 
 @torch.no_grad()

@@ -166,3 +166,11 @@ def test_save_load_knob_bad_input_and_empty_batch(tmp_path):
     )
     with pytest.raises(ValueError, match="max_skip"):
         create_model("frameskip_rnn", max_skip=0)
+
+
+def test_init_from_a_trained_rnn_copies_the_cell_and_classifier():
+    static = create_model("static_lstm", input_size=3, hidden=12, num_classes=4)
+    m = _model("lstm").init_from(static)
+    for name in ("stack", "head"):
+        ours, theirs = getattr(m, name).state_dict(), getattr(static, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -117,6 +117,12 @@ class FrameSkipRNN(nn.Module):
             }
         return self.__dict__["_units"]
 
+    def init_from(self, other: nn.Module) -> FrameSkipRNN:
+        """Copy the cell stack and classifier of a trained RNN (e.g. the static baseline, SkipRNN)."""
+        self.stack.load_state_dict(other.stack.state_dict())
+        self.head.load_state_dict(other.head.state_dict())
+        return self
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,

@@ -437,12 +437,32 @@ class _SequenceRuntime(_Runtime):
         """(B,) bool: the rows whose sequence has a step t."""
         return np.ones(B, dtype=bool) if lengths is None else t < lengths
 
+    def _events(self, x: np.ndarray, lengths: np.ndarray | None, state: np.ndarray, decide) -> np.ndarray:
+        """Event-driven rounds, as the eager models' executor (dynets.temporal.base.run_events): each
+        round runs the step graph once, on every live row at its own next step; decide(out, rows, t)
+        -> (n,) int64, the steps from each row's step t to its next one (past its length ends the
+        row). `state` (B, R, H) is updated in place; returns the steps computed, (B, T) bool."""
+        B, T, _ = x.shape
+        end = np.full(B, T, dtype=np.int64) if lengths is None else lengths
+        computed = np.zeros((B, T), dtype=bool)
+        rows, t = np.arange(B), np.zeros(B, dtype=np.int64)  # every row computes step 0
+        while rows.size:
+            computed[rows, t] = True
+            out = self.graphs.run(
+                "step", [np.ascontiguousarray(x[rows, t]), np.ascontiguousarray(state[rows])]
+            )
+            state[rows] = out[0]
+            t = t + decide(out, rows, t)
+            keep = t < end[rows]
+            rows, t = rows[keep], t[keep]
+        return computed
+
 
 class SkipRNNRuntime(_SequenceRuntime):
-    """Runs an exported Skip-RNN on x (B, T, F) (optionally with lengths (B,)): at each step only
-    the rows due to update run the step graph; a row that updates at step t with Δũ is next due at
-    t + ceil(threshold / Δũ), the first step at which its accumulated ũ reaches the threshold, as
-    the eager model decides (SkipRNN.sleep_steps). `policy`: {"threshold": t}."""
+    """Runs an exported Skip-RNN on x (B, T, F) (optionally with lengths (B,)) event-driven, as the
+    eager model: each round runs the step graph on every live row at its own next update; a row that
+    updates at step t with Δũ is next due at t + ceil(threshold / Δũ), the first step at which its
+    accumulated ũ reaches the threshold (SkipRNN.sleep_steps). `policy`: {"threshold": t}."""
 
     kind = "skip_rnn"
 
@@ -458,16 +478,14 @@ class SkipRNNRuntime(_SequenceRuntime):
         updated = np.zeros((B, T), dtype=bool)
         if B == 0:
             return self._empty(updated=updated, num_updates=np.zeros(0))
-        nxt = np.zeros(B, dtype=np.int64)  # each row's next update step (step 0 always updates)
-        for t in range(steps):
-            upd = (nxt == t) & self._valid(t, lengths, B)  # who updates at t
-            if upd.any():  # the updating rows only
-                state[upd], delta = self._rows("step", upd, x[:, t], state)
-                d = np.asarray(delta, dtype=np.float64)  # next update: as SkipRNN.sleep_steps
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    k = np.clip(np.nan_to_num(np.ceil(thr / d), nan=1.0), 1, T)  # 0 / 0 (threshold 0): 1
-                nxt[upd] = t + (k + (k * d < thr)).astype(np.int64)
-            updated[:, t] = upd
+
+        def decide(out, rows, t):  # next update: as SkipRNN.sleep_steps
+            d = np.asarray(out[1], dtype=np.float64).reshape(-1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                k = np.clip(np.nan_to_num(np.ceil(thr / d), nan=1.0), 1, T)  # 0 / 0 (threshold 0): 1
+            return (k + (k * d < thr)).astype(np.int64)
+
+        updated = self._events(x, lengths, state, decide)
         n = updated.sum(1)
         flops = n * float(self.manifest["update_cost"]) + self.head_cost
         logits = self.graphs.run("head", [state])[0]
@@ -522,10 +540,10 @@ def _confidence(spec: dict[str, Any]) -> float | None:
 
 
 class FrameSkipRuntime(_SequenceRuntime):
-    """Runs an exported frame-skipping RNN on x (B, T, F) (optionally with lengths (B,)): at each
-    frame only the rows due to read it run the read graph (cell + skip length); the others count
-    down the frames they skip. With a stop confidence the classifier also runs on the reading rows
-    and a row that is sure enough stops reading for good. `policy`: {"stop_confidence": c or None}."""
+    """Runs an exported frame-skipping RNN on x (B, T, F) (optionally with lengths (B,)) event-driven,
+    as the eager model: each round runs the read graph (cell + skip length) on every live row at its
+    own next frame. With a stop confidence the classifier also runs on the reading rows and a row
+    that is sure enough stops reading for good. `policy`: {"stop_confidence": c or None}."""
 
     kind = "frame_skip"
 
@@ -540,21 +558,19 @@ class FrameSkipRuntime(_SequenceRuntime):
         if B == 0:
             return self._empty(read=read, num_reads=np.zeros(0, dtype=np.int64), stop_step=stop)
         logits = np.zeros((B, self.num_classes), dtype=np.float32)
-        countdown = np.zeros(B, dtype=np.int64)  # frames left to skip
-        active = np.ones(B, dtype=bool)  # not stopped early
-        for t in range(steps):
-            due = (countdown == 0) & self._valid(t, lengths, B) & active  # 1. who reads frame t
-            if due.any():
-                new, skip = self._rows("step", due, x[:, t], state)  # 2. those rows only
-                state[due], countdown[due], read[due, t] = new, skip, True
-                if conf is not None:  # 3. early stops
-                    lg, sure = self.graphs.run("head", [new])
-                    done = sure >= np.float32(conf)
-                    gone = np.flatnonzero(due)[done]
-                    logits[gone], stop[gone], active[gone] = lg[done], t, False
-            countdown = np.where(due, countdown, countdown - 1)
-        if active.any():
-            logits[active] = self._rows("head", active, state)[0]
+
+        def decide(out, rows, t):  # read the frame after the skipped ones; a sure row stops for good
+            k = 1 + np.asarray(out[1], dtype=np.int64).reshape(-1)
+            if conf is not None:
+                lg, sure = self.graphs.run("head", [out[0]])
+                done = sure >= np.float32(conf)
+                logits[rows[done]], stop[rows[done]], k[done] = lg[done], t[done], T
+            return k
+
+        read = self._events(x, lengths, state, decide)
+        rest = stop < 0  # the rows that read to the end
+        if rest.any():
+            logits[rest] = self._rows("head", rest, state)[0]
         n = read.sum(1)
         per_read = float(self.manifest["read_cost"]) + (self.head_cost if conf is not None else 0.0)
         flops = n * per_read + (stop < 0) * self.head_cost

@@ -54,3 +54,10 @@ def write_exits(
         out.index_copy_(0, idx[gone], logits.index_select(0, gone))
         exit_index.index_fill_(0, idx[gone], k)
     return keep
+
+
+def check_batch_size(batch_size: object) -> int:
+    """A batch size (an int >= 1, not a bool), or ValueError naming what was given."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    return batch_size

@@ -25,7 +25,7 @@ from torch import nn
 
 from dynets.core.cost import cumulative_exit_costs, measure_flops
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
-from dynets.core.tensors import all_finite, pop_groups, take_rows, write_exits
+from dynets.core.tensors import all_finite, check_batch_size, pop_groups, take_rows, write_exits
 from dynets.policies.exit_policies import ConfidencePolicy, ExitPolicy, ThresholdPolicy
 
 Features = Any  # a Tensor, or a (nested) list/tuple of Tensors for multi-scale backbones
@@ -338,8 +338,7 @@ class EarlyExitNetwork(nn.Module):
         results in input order. A sample may wait for others before its later stages run, so use
         this for offline / server-side throughput, and `forward` for the latency of one batch."""
         self.check_input(x)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+        check_batch_size(batch_size)
         policy = policy if policy is not None else self.policy
         if policy.needs_learned and not len(self.exit_predictors):
             raise ValueError(f"policy {policy.kind!r} needs learned exits, but this model has none")

@@ -473,7 +473,7 @@ class SkipRNNRuntime(_SequenceRuntime):
         thr = (policy or self.policy).get("threshold", 0.5)
         if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0 <= thr <= 1:
             raise ValueError(f"threshold: expected a value in [0, 1], got {thr!r}")
-        x, lengths, state, steps = self._sequences(x, lengths)
+        x, lengths, state, _ = self._sequences(x, lengths)
         B, T, _ = x.shape
         updated = np.zeros((B, T), dtype=bool)
         if B == 0:
@@ -552,7 +552,7 @@ class FrameSkipRuntime(_SequenceRuntime):
     ) -> dict[str, np.ndarray]:
         """logits (B, C), read (B, T) bool, num_reads (B,), stop_step (B,) (-1: no early stop), flops."""
         conf = _confidence(self.policy if policy is None else policy)
-        x, lengths, state, steps = self._sequences(x, lengths)
+        x, lengths, state, _ = self._sequences(x, lengths)
         B, T, _ = x.shape
         read, stop = np.zeros((B, T), dtype=bool), np.full(B, -1, dtype=np.int64)
         if B == 0:

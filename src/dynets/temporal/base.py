@@ -276,12 +276,6 @@ def run_events_single(
     return (state[0] if fast else stack.top(state[0])), marks
 
 
-def check_batch_size(batch_size: object) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-    return batch_size
-
-
 def valid_mask(lengths: torch.Tensor | None, batch: int, steps: int, device: torch.device) -> torch.Tensor:
     """(B, T) bool: True where step t < length (all True without lengths)."""
     if lengths is None:

@@ -31,10 +31,10 @@ from torch import nn
 from dynets.core.cost import measure_flops
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
 from dynets.core.serialization import register_architecture
+from dynets.core.tensors import check_batch_size
 from dynets.temporal.base import (
     CELLS,
     RecurrentStack,
-    check_batch_size,
     check_sequences,
     check_threshold,
     run_events,

@@ -36,10 +36,10 @@ from torch import nn
 from dynets.core.cost import measure_flops
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
 from dynets.core.serialization import register_architecture
+from dynets.core.tensors import check_batch_size
 from dynets.temporal.base import (
     CELLS,
     RecurrentStack,
-    check_batch_size,
     check_sequences,
     check_threshold,
     run_events,
@@ -224,12 +224,11 @@ class SkipRNN(nn.Module):
             },
         )
 
-    def update_probability(self, memory: torch.Tensor, weight_t: torch.Tensor | None = None) -> torch.Tensor:
+    def update_probability(self, memory: torch.Tensor) -> torch.Tensor:
         """Δũ (b, 1) of the rows whose memory (b, H) is given, for the inference paths: the gate's own
-        arithmetic without the nn.Module call, which costs a few microseconds per step (batch 1
-        notices); weight_t: the gate's weight transposed, made once per pass."""
-        w = self.gate.weight.t() if weight_t is None else weight_t
-        return torch.addmm(self.gate.bias, memory, w).sigmoid_()
+        arithmetic as one addmm (the hot loops inline it with the weights looked up once per pass,
+        since the module call and attribute lookups cost a few microseconds per step)."""
+        return torch.addmm(self.gate.bias, memory, self.gate.weight.t()).sigmoid_()
 
     @staticmethod
     def sleep_steps(delta: torch.Tensor, thr: float, cap: int) -> torch.Tensor:

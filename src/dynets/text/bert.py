@@ -44,7 +44,7 @@ from torch import nn
 
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
 from dynets.core.serialization import register_architecture
-from dynets.core.tensors import pop_groups, write_exits
+from dynets.core.tensors import check_batch_size, pop_groups, write_exits
 from dynets.depth.early_exit import ExitPredictor
 from dynets.policies.exit_policies import ConfidencePolicy, ExitPolicy, ThresholdPolicy
 from dynets.text.bert_costs import LengthCost, fit_layer_cost, measure_units
@@ -521,8 +521,7 @@ class DynamicBert(nn.Module):
         as under `run_dynamic`; results come back in input order. A sentence may wait for others
         before its later layers run: this is for offline or server-side throughput, `forward` for
         the latency of one batch."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+        check_batch_size(batch_size)
         policy = policy if policy is not None else self.policy
         if policy.needs_learned and not len(self.exit_predictors):
             raise ValueError(f"policy {policy.kind!r} needs learned exits, but this model has none")

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from dynets.core.tensors import check_batch_size
+
 __all__ = ["TextDataset", "TextTable", "encode_table", "length_batches", "load_text_table"]
 
 
@@ -155,8 +157,7 @@ def length_batches(
     longest sentence. sort=True groups sentences of similar length (longest first), so a batch
     pads little; `indices` map each row back to its position in x.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    check_batch_size(batch_size)
     if x.dim() != 2:
         raise ValueError(f"x: expected token ids of shape (N, L), got {tuple(x.shape)}")
     pos = torch.arange(1, x.shape[1] + 1)

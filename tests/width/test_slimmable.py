@@ -109,6 +109,39 @@ def test_width_groups_run_as_sub_batches_and_flops(model, x, monkeypatch):
     assert torch.equal(fixed.flops, c[1].repeat(32)) and torch.all(fixed.decisions["width"] == 0.5)
 
 
+@pytest.mark.parametrize("batch_size", [1, 5, 8, 32, 64])
+def test_run_pooled_equals_the_reference_and_runs_full_batches(model, x, batch_size, monkeypatch):
+    policy = _policy_at_quantiles(model, x)
+    with torch.no_grad():
+        ref = torch.stack(model.all_width_logits(x), 1)  # (B, K, C): every sample at every width
+    per_batch = [model(x[i : i + batch_size], policy) for i in range(0, 32, batch_size)]
+    calls = []
+    real = model.forward_width
+    monkeypatch.setattr(
+        model, "forward_width", lambda t, wi: (calls.append((t.shape[0], wi)), real(t, wi))[1]
+    )
+    out = model.run_pooled(x, batch_size, policy)
+    index = torch.cat([o.decisions["width_index"] for o in per_batch])
+    assert torch.equal(out.decisions["width_index"], index)
+    assert torch.equal(out.decisions["width"], torch.tensor(model.width_mults)[index])
+    assert torch.equal(out.flops, torch.cat([o.flops for o in per_batch]))
+    torch.testing.assert_close(out.logits, ref[torch.arange(32), index], atol=1e-5, rtol=1e-5)
+    counts = torch.bincount(index, minlength=4).tolist()
+    for k in range(1, 4):  # each wider width: full batches, then one flushed remainder
+        sizes = [n for n, wi in calls if wi == k]
+        assert sum(sizes) == counts[k]
+        assert all(n >= batch_size for n in sizes[:-1]) and len(sizes) <= max(1, -(-counts[k] // batch_size))
+
+
+def test_run_pooled_bad_input(model, x):
+    with pytest.raises(ValueError, match="batch_size"):
+        model.run_pooled(x, 0)
+    with pytest.raises(TypeError, match="WidthPolicy"):
+        model.run_pooled(x, 8, policy=0.5)
+    with pytest.raises(ValueError):
+        model.run_pooled(x[:, :2], 8)
+
+
 def test_sandwich_training_and_validation_outputs(x):
     torch.manual_seed(0)
     m = create_model("slimmable_resnet", **SMALL, sandwich_random=1).train()

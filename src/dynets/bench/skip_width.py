@@ -61,7 +61,7 @@ class SkipWidthBenchConfig:
     skip_weight: float = 2.0
     slim_recipe: str = "finetune"  # or "scratch"
     slim_epochs: int = 6
-    slim_lr: float = 0.05
+    slim_lr: float = 0.02  # the static models' fine-tune lr (skip_lr): like for like
     baseline_epochs: int = 12
     # Like for like: every static model (the backbone and the cheaper baselines) is then trained for
     # the skip model's extra epochs at its lr, so each has seen as many epochs as the dynamic models
@@ -442,8 +442,10 @@ def run(
                 )
             _log(f"timing {name} at budget {b:.0%}")
             t = entry["timing"] = _time(static, model, x_time, cfg, full)
-            for bs in ("b1", "b64"):
-                ref = static_at_time(curve[bs], t[bs]["speedup"])
+            for bs in ("b1", "b64", "b64_pooled"):
+                if bs not in t:
+                    continue
+                ref = static_at_time(curve[bs[:3]], t[bs]["speedup"])
                 entry[f"speedup_{bs}"] = t[bs]["speedup"]
                 entry[f"static_acc_at_equal_time_{bs}"] = ref
                 entry[f"beats_static_at_equal_time_{bs}"] = None if ref is None else entry["accuracy"] > ref
@@ -463,6 +465,8 @@ def run(
             f"{name}_speedup_b1": t["b1"]["speedup"],
             f"{name}_speedup_b64": t["b64"]["speedup"],
             f"{name}_realization_b64": t["b64"]["realization"],
+            f"{name}_speedup_b64_pooled": t.get("b64_pooled", {}).get("speedup"),
+            f"{name}_beats_static_at_equal_time_b64_pooled": e.get("beats_static_at_equal_time_b64_pooled"),
             f"{name}_static_acc_at_equal_time_b1": e["static_acc_at_equal_time_b1"],
             f"{name}_static_acc_at_equal_time_b64": e["static_acc_at_equal_time_b64"],
             f"{name}_beats_static_at_equal_time_b1": e["beats_static_at_equal_time_b1"],
@@ -527,6 +531,22 @@ def _time(static, dyn, x, cfg, full, flops=None) -> dict:
             f"  batch {bs}: static {wc['static_per_s']:.0f}/s, other {wc['dynamic_per_s']:.0f}/s, "
             f"speed-up {wc['speedup']:.2f}x vs FLOPs {full / f:.2f}x"
         )
+    if hasattr(dyn, "run_pooled"):
+        # Throughput mode at batch 64 (the early-exit benchmark's pooled_b64): the dynamic model's
+        # sub-batches are pooled across consecutive 64-image batches (run_pooled), timed in chunks of
+        # 512 images against the static model on the same chunks in batches of 64.
+        chunks = split_batches(x[: cfg.b64_samples], 512)
+        with torch.inference_mode():
+            f = float(torch.cat([dyn.run_pooled(c, 64).flops for c in chunks]).mean())
+        wc = compare_wallclock(
+            lambda c: [static.forward_static(b) for b in split_batches(c, 64)],
+            lambda c: dyn.run_pooled(c, 64),
+            chunks,
+            rounds=cfg.rounds,
+            chunks=len(chunks),
+        )
+        res["b64_pooled"] = {**wc, "flops_speedup": full / f, "realization": wc["speedup"] / (full / f)}
+        _log(f"  pooled batch 64: speed-up {wc['speedup']:.2f}x vs FLOPs {full / f:.2f}x")
     return res
 
 
@@ -588,7 +608,11 @@ def _training_line(c: dict) -> str:
             f"{c['skip_target']}, weight {c['skip_weight']})"
         )
     if "slim" in parts:
-        out += f"; slimmable {c['epochs']} + {c['slim_epochs']}"
+        lr = c.get("slim_lr", 0.05)
+        if c.get("slim_recipe") == "scratch":
+            out += f"; slimmable {c['slim_epochs']} epochs from scratch at lr {lr} (sandwich rule)"
+        else:
+            out += f"; slimmable {c['epochs']} + {c['slim_epochs']} at lr {lr} (sandwich rule)"
     return out + "."
 
 
@@ -625,8 +649,9 @@ def _markdown(r: dict) -> str:
         "## Dynamic models at each calibrated budget (validation -> test)",
         "",
         "| model | budget | accuracy | FLOPs ratio | speed-up b1 | best static at equal time b1 "
-        "| speed-up b64 | best static at equal time b64 | beats static (b1 / b64) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| speed-up b64 | best static at equal time b64 | speed-up b64 pooled | best static at equal time "
+        "b64 pooled | beats static (b1 / b64 / pooled) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     yn = {True: "yes", False: "no", None: "-"}
     for name in ("skip", "slim"):
@@ -634,15 +659,18 @@ def _markdown(r: dict) -> str:
             if "speedup_b1" not in c:
                 lines.append(
                     f"| {name} | {c['budget']:.0%} | {100 * c['accuracy']:.2f}% | {c['flops_ratio']:.3f} "
-                    "| - | - | - | - | - |"
+                    "| - | - | - | - | - | - | - |"
                 )
                 continue
             star = " (operating point)" if c["budget"] == op else ""
+            pooled = f"{c['speedup_b64_pooled']:.2f}x" if "speedup_b64_pooled" in c else "-"
             lines.append(
                 f"| {name} | {c['budget']:.0%}{star} | {100 * c['accuracy']:.2f}% | {c['flops_ratio']:.3f} | "
                 f"{c['speedup_b1']:.2f}x | {_pct(c['static_acc_at_equal_time_b1'])} | "
-                f"{c['speedup_b64']:.2f}x | {_pct(c['static_acc_at_equal_time_b64'])} | "
-                f"{yn[c['beats_static_at_equal_time_b1']]} / {yn[c['beats_static_at_equal_time_b64']]} |"
+                f"{c['speedup_b64']:.2f}x | {_pct(c['static_acc_at_equal_time_b64'])} | {pooled} | "
+                f"{_pct(c.get('static_acc_at_equal_time_b64_pooled'))} | "
+                f"{yn[c['beats_static_at_equal_time_b1']]} / {yn[c['beats_static_at_equal_time_b64']]} / "
+                f"{yn[c.get('beats_static_at_equal_time_b64_pooled')]} |"
             )
     lines += [
         "",
@@ -671,6 +699,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--skip-weight", type=float, default=None, help="budget loss weight")
     p.add_argument("--slim-epochs", type=int, default=None)
+    p.add_argument("--slim-lr", type=float, default=None)
+    p.add_argument(
+        "--slim-recipe",
+        choices=("finetune", "scratch"),
+        default=None,
+        help="slimmable: from the static model or not",
+    )
     p.add_argument("--baseline-epochs", type=int, default=None)
     p.add_argument(
         "--backbone",
@@ -713,6 +748,8 @@ def main(argv: list[str] | None = None) -> int:
             skip_target=a.skip_target,
             skip_weight=a.skip_weight,
             slim_epochs=a.slim_epochs,
+            slim_lr=a.slim_lr,
+            slim_recipe=a.slim_recipe,
             baseline_epochs=a.baseline_epochs,
             train_limit=a.train_limit,
             val_limit=a.val_limit,

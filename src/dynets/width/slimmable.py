@@ -39,7 +39,7 @@ from torch import nn
 
 from dynets.core.cost import measure_flops
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
-from dynets.core.tensors import take_rows
+from dynets.core.tensors import check_batch_size, pop_groups, take_rows
 from dynets.depth.skipping import check_input
 
 POLICY_FILE = "width_policy.json"
@@ -366,6 +366,65 @@ class SlimmableNetwork(nn.Module):
             logits,
             flops=self.flops_of(index),
             record=rec,
+            decisions={"width": self._widths_of(index), "width_index": index.cpu()},
+        )
+
+    @torch.no_grad()
+    def run_pooled(
+        self, x: torch.Tensor, batch_size: int, policy: WidthPolicy | None = None
+    ) -> DynamicOutput:
+        """Throughput mode over many batches: `x` is fed in batches of `batch_size` at the smallest
+        width, and the samples that escalate to each wider width are pooled across batches until a
+        full batch (whole pending groups are taken, so a batch may run somewhat over `batch_size`)
+        waits for that width; the remainders are flushed at the end. So no width runs on the small
+        sub-batches one batch's escalations make. Same decisions, logits (up to float rounding) and
+        FLOPs as `run_dynamic` on each batch; results in input order. A sample may wait for others
+        before its wider pass, so use this for offline / server-side throughput and `forward` for
+        the latency of one batch."""
+        check_input(x, self.input_shape)
+        check_batch_size(batch_size)
+        if policy is not None and not isinstance(policy, WidthPolicy):
+            raise TypeError(f"policy: expected a WidthPolicy or None, got {type(policy).__name__}")
+        policy = policy if policy is not None else self.width_policy
+        was = self.training
+        self.eval()
+        try:
+            N, K = x.shape[0], self.num_widths
+            out = x.new_empty(N, self.num_classes)
+            index = torch.empty(N, dtype=torch.long, device=x.device)
+            queues: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(K)]
+            counts = [0] * K
+
+            def run_width(k: int, flush: bool) -> None:
+                while counts[k] >= batch_size or (flush and counts[k] > 0):
+                    parts, n = pop_groups(queues[k], batch_size, rows=1)
+                    xb = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
+                    idx = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
+                    counts[k] -= n
+                    out.index_copy_(0, idx, self.forward_width(xb, k))
+
+            for start in range(0, N, batch_size):
+                xb = x[start : start + batch_size]
+                logits = self.forward_width(xb, 0)
+                chosen = policy.choose(logits.float().softmax(-1).amax(-1), K)
+                index[start : start + xb.shape[0]] = chosen
+                pos = torch.arange(start, start + xb.shape[0], device=x.device)
+                stay = (chosen == 0).nonzero().squeeze(1)
+                if stay.numel():
+                    out.index_copy_(0, pos[stay], logits.index_select(0, stay))
+                for k in range(1, K):
+                    rows = (chosen == k).nonzero().squeeze(1)
+                    if rows.numel():
+                        queues[k].append((take_rows(xb, rows), pos[rows]))
+                        counts[k] += int(rows.numel())
+                    run_width(k, flush=False)
+            for k in range(1, K):
+                run_width(k, flush=True)
+        finally:
+            self.train(was)
+        return DynamicOutput(
+            out,
+            flops=self.flops_of(index),
             decisions={"width": self._widths_of(index), "width_index": index.cpu()},
         )
 

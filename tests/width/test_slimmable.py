@@ -142,9 +142,37 @@ def test_run_pooled_bad_input(model, x):
         model.run_pooled(x[:, :2], 8)
 
 
-def test_sandwich_training_and_validation_outputs(x):
+def test_sandwich_label_loss_returns_every_width_as_an_exit(x):
     torch.manual_seed(0)
     m = create_model("slimmable_resnet", **SMALL, sandwich_random=1).train()
+    assert m.sandwich_loss == "label"  # the default
+    out = m(x)
+    assert isinstance(out, MultiExitOutput) and "loss" not in out.aux
+    widths = out.aux["widths"]
+    assert widths[0] == 0 and widths[-1] == 3 and len(widths) == 3 and len(out.exit_logits) == 3
+    m.eval()
+    with torch.no_grad():  # exit k is width widths[k] (train-mode BN: compare in eval on the same weights)
+        ref = m.all_width_logits(x)
+    m.train()
+    for module in m.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()
+    torch.manual_seed(0)
+    again = m(x)
+    for k, wi in enumerate(again.aux["widths"]):
+        torch.testing.assert_close(again.exit_logits[k], ref[wi], atol=1e-5, rtol=1e-5)
+    # the train loop's multi-exit loss reaches every width's own BN
+    m.train()
+    m.zero_grad()
+    out = m(x)
+    sum(F.cross_entropy(z, torch.zeros(32, dtype=torch.long)) for z in out.exit_logits).backward()
+    for wi in out.aux["widths"]:
+        assert m.stem_bn.bn[wi].weight.grad is not None
+
+
+def test_sandwich_training_and_validation_outputs(x):
+    torch.manual_seed(0)
+    m = create_model("slimmable_resnet", **SMALL, sandwich_random=1, sandwich_loss="distill").train()
     out = m(x)
     assert isinstance(out, MultiExitOutput) and len(out.exit_logits) == 1
     assert out.aux["widths"][0] == 0 and out.aux["widths"][-1] == 3 and len(out.aux["widths"]) == 3
@@ -205,6 +233,8 @@ def test_bad_input(model):
         create_model("slimmable_resnet", width_mults=(1.0, 0.5))
     with pytest.raises(ValueError, match=r"threshold: expected a value in \[0, 1\]"):
         WidthPolicy([0.5, 1.2])
+    with pytest.raises(ValueError, match="sandwich_loss: expected one of .*'label'.*got 'kd'"):
+        create_model("slimmable_resnet", sandwich_loss="kd")
     with pytest.raises(ValueError, match="expected 1 or 3 thresholds"):
         model(torch.rand(2, 3, 16, 16), WidthPolicy([0.9, 0.8]))
     with pytest.raises(ValueError, match="input: expected shape"):

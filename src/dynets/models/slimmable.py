@@ -60,7 +60,8 @@ class SlimmableResNetConfig:
     width_mults: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     switchable_bn: bool = True  # False: shared affine BN, private statistics (recalibrate after training)
     sandwich_random: int = 2  # random intermediate widths per training step (besides smallest, largest)
-    distill_temperature: float = 1.0
+    distill_temperature: float = 1.0  # sandwich_loss "distill" only
+    sandwich_loss: str = "label"  # "label": every width on the labels; "distill": in-place distillation
     thresholds: tuple[float, ...] = (0.9,)  # initial width policy
 
     def __post_init__(self) -> None:
@@ -95,6 +96,7 @@ class SlimmableResNet(SlimmableNetwork):
             num_classes=c.num_classes,
             sandwich_random=c.sandwich_random,
             distill_temperature=c.distill_temperature,
+            sandwich_loss=c.sandwich_loss,
             thresholds=c.thresholds,
         )
         wm, sw = self.width_mults, c.switchable_bn

@@ -15,7 +15,7 @@ train loop's multi-exit loss trains each on the labels (`TrainConfig.distill` > 
 distillation from the largest, as for early exits). With "distill" (US-Nets' in-place
 distillation) only the largest learns from the labels and the others from its detached prediction
 (`aux["loss"]`). From scratch, distillation from a network that is itself near chance pulls the
-shared weights towards uniform predictions (CIFAR-10 ResNet, one epoch on 12,800 images: full
+shared weights towards uniform predictions (an ad-hoc check, CIFAR-10 ResNet, one epoch on 12,800 images: full
 width 26.4% with "distill", 39.3% with "label", 37.6% for the static net; 18 epochs with "distill"
 reached only 72.3%). Fine-tuned from a trained static model, "distill" is the better one
 (`dynets.bench.skip_width`: width chooser at 60% of the FLOPs 79.81% vs 79.19% with "label").

@@ -185,3 +185,24 @@ def test_bad_input_exits_2_with_message(argv, match, capsys, tmp_path):
 def test_calibrate_bad_budget(run_dir, capsys):
     with pytest.raises(SystemExit, match="budget"):
         main(["calibrate", str(run_dir), "--data", "digits", "--budget", "0.01", "--out", str(run_dir / "x")])
+
+
+def test_train_with_a_teacher(run_dir, tmp_path, capsys):
+    from dynets.train import load_checkpoint
+
+    out = tmp_path / "student"
+    argv = ["train", "ee_resnet", "--data", "digits", "--out", str(out), "--epochs", "1", "--limit", "300"]
+    argv += ["--no-progress", "--teacher", str(run_dir / "model"), "--kd", "0.7", *TINY]
+    assert main(argv) == 0
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["config"]["kd"] == 0.7
+    assert load(out / "model") is not None
+
+
+def test_train_teacher_bad_input(run_dir, tmp_path, capsys):
+    base = ["train", "ee_resnet", "--data", "digits", "--out", str(tmp_path / "s"), "--epochs", "1", *TINY]
+    with pytest.raises(SystemExit, match="--kd 0.5 expected a --teacher model directory, got none"):
+        main([*base, "--kd", "0.5"])
+    assert main([*base, "--teacher", str(run_dir / "model"), "--kd", "2"]) == 2
+    assert "TrainConfig.kd: expected a float in [0, 1], got 2.0" in capsys.readouterr().err
+    assert main([*base, "--teacher", str(tmp_path / "nothing")]) == 2
+    assert "nothing" in capsys.readouterr().err

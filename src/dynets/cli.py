@@ -96,6 +96,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         raise SystemExit(f"--data: expected images (C, H, W) or sequences (T, F), got shape {shape}")
     kw.update(_model_kwargs(args.set))
+    if args.kd is not None and args.teacher is None:
+        raise SystemExit(f"train {args.model}: --kd {args.kd} expected a --teacher model directory, got none")
+    teacher = None
+    if args.teacher is not None:
+        from dynets.core.serialization import load
+
+        teacher = load(_resolve_model_dir(args.teacher))
+        want = getattr(teacher, "input_shape", None)
+        if want is not None and tuple(want) != shape:
+            raise SystemExit(
+                f"--teacher {args.teacher}: expected a model for inputs {shape} like --data {args.data}, "
+                f"got one for {tuple(want)}"
+            )
     torch.manual_seed(args.seed)
     model = create_model(args.model, **kw)
     out = Path(args.out)
@@ -107,11 +120,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         augment=args.augment,
         distill=args.distill,
+        kd=0.0 if teacher is None else (0.5 if args.kd is None else args.kd),
         exit_weights=args.exit_weights,
         checkpoint_dir=str(out / "checkpoints"),
         progress=not args.no_progress,
     )
-    result = train(model, train_set, cfg, resume=args.resume, eval_data=val_set)
+    result = train(model, train_set, cfg, resume=args.resume, eval_data=val_set, teacher=teacher)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     model.eval()
@@ -391,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     s.add_argument("--augment", choices=["none", "crop_flip"], default="none")
     s.add_argument("--distill", type=float, default=0.0, help="self-distillation weight in [0, 1]")
+    s.add_argument("--teacher", default=None, help="a trained model directory to distil from (images)")
+    s.add_argument("--kd", type=float, default=None, help="weight in (0, 1] of --teacher's soft labels (0.5)")
     s.add_argument("--exit-weights", default="uniform", help="uniform | linear | sqrt")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--limit", type=int, default=None, help="use only the first N training samples")

@@ -1,11 +1,11 @@
-"""The skip/width benchmark's equal-time reference: the best static model (or mix of two) that runs
-in at most the dynamic model's time."""
+"""The skip/width benchmark: its equal-time reference (the best static model, or mix of two, that runs
+in at most the dynamic model's time) and its settings' checks."""
 
 import itertools
 
 import pytest
 
-from dynets.bench.skip_width import static_at_time
+from dynets.bench.skip_width import SkipWidthBenchConfig, static_at_time
 
 
 def brute_force(statics, speedup, shares=2001):
@@ -50,3 +50,14 @@ def test_nothing_static_is_fast_enough():
 def test_a_non_positive_speedup_is_an_error():
     with pytest.raises(ValueError, match="speedup: expected a positive number, got 0"):
         static_at_time(STATICS, 0)
+
+
+@pytest.mark.parametrize("kd", [-0.1, 1.5, True, "0.5"])
+def test_a_kd_weight_outside_0_1_is_an_error(kd):
+    with pytest.raises(ValueError, match=r"kd: expected a float in \[0, 1\], got"):
+        SkipWidthBenchConfig(kd=kd)
+
+
+def test_kd_needs_the_baselines_fine_tuned_too():
+    with pytest.raises(ValueError, match="baseline_finetune=True"):
+        SkipWidthBenchConfig(kd=0.5, baseline_finetune=False)

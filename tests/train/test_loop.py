@@ -346,3 +346,51 @@ def test_lr_scales_make_parameter_groups(optimizer):
     model.scale = 0.0
     with pytest.raises(ValueError, match="lr_scales.*> 0, got 0.0"):
         train(model, data, cfg)
+
+
+def test_teacher_distillation_teaches_what_the_labels_do_not():
+    """Labels drawn at random carry nothing; with kd=1 the student learns the teacher's function."""
+    data = make_data(256, seed=3)
+    data = Data(data.x, torch.randint(0, 4, (256,), generator=torch.Generator().manual_seed(7)))
+    torch.manual_seed(11)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    with torch.no_grad():
+        teacher[1].weight.mul_(5.0)  # confident: its soft targets carry its decisions
+    teacher.train()  # the loop runs it in eval mode and gives its flag back
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    cfg = {**FAST, "epochs": 20, "lr": 0.1, "temperature": 1.0}
+
+    def agreement(student) -> float:
+        with torch.no_grad():
+            student.train()  # the tiny net's every-exit path: the last exit
+            z = student(data.x).exit_logits[-1]
+            return float((z.argmax(-1) == teacher(data.x).argmax(-1)).float().mean())
+
+    taught = make_model(p=0.0)
+    train(taught, data, TrainConfig(**cfg, kd=1.0), teacher=teacher)
+    labels_only = make_model(p=0.0)
+    train(labels_only, data, TrainConfig(**cfg))
+    assert teacher.training
+    for k, v in teacher.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    assert agreement(taught) > 0.9
+    assert agreement(labels_only) < 0.6
+
+
+def test_teacher_distillation_bad_arguments():
+    data, model = make_data(32), make_model()
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    with pytest.raises(
+        ValueError, match="teacher and TrainConfig.kd: expected both .* got teacher=None and kd=0.5"
+    ):
+        train(model, data, TrainConfig(**FAST, kd=0.5))
+    with pytest.raises(ValueError, match="got teacher=Sequential and kd=0.0"):
+        train(model, data, TrainConfig(**FAST), teacher=teacher)
+    with pytest.raises(ValueError, match="expected no loss_fn with it"):
+        train(model, data, TrainConfig(**FAST, kd=0.5), teacher=teacher, loss_fn=lambda o, y: o.sum())
+    with pytest.raises(ValueError, match="other than the one being trained"):
+        train(model, data, TrainConfig(**FAST, kd=0.5), teacher=model)
+    with pytest.raises(TypeError, match="teacher: expected None or an nn.Module, got str"):
+        train(model, data, TrainConfig(**FAST, kd=0.5), teacher="static")
+    with pytest.raises(ValueError, match=r"TrainConfig.kd: expected a float in \[0, 1\], got 2"):
+        TrainConfig(kd=2)

@@ -152,3 +152,47 @@ def test_bad_shapes():
         multi_exit_loss(zs, y.float())
     with pytest.raises(ValueError, match="non-empty"):
         multi_exit_loss([z[:0] for z in zs], y[:0])
+
+
+@pytest.mark.parametrize("kd, distill, t", [(0.5, 0.0, 3.0), (1.0, 0.0, 1.0), (0.3, 0.6, 4.0)])
+def test_teacher_distillation_matches_reference(kd, distill, t):
+    zs, y = _logits(), _target()
+    teacher = _logits(n_exits=1, seed=5)[0].detach()
+    w = exit_weights(3, "sqrt").double()
+    ref = 0.0
+    for k in range(3):
+        own = _ce_ref(zs[k], y)
+        if k < 2:
+            own = (1 - distill) * own + distill * t**2 * _kl_ref(zs[2], zs[k], t)
+        ref = ref + w[k] * ((1 - kd) * own + kd * t**2 * _kl_ref(teacher, zs[k], t))
+    got = multi_exit_loss(
+        zs, y, weights="sqrt", distill=distill, temperature=t, teacher_logits=teacher, kd=kd
+    )
+    torch.testing.assert_close(got, ref)
+
+
+def test_teacher_distillation_pulls_towards_the_teacher_and_never_into_it():
+    z = torch.zeros(4, 5, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    multi_exit_loss(z, torch.zeros(4, dtype=torch.long), teacher_logits=teacher, kd=1.0).backward()
+    assert teacher.grad is None
+    # descending the gradient from uniform logits moves probability towards the teacher's classes
+    step = torch.softmax(-z.grad, -1)
+    assert (step.argmax(-1) == teacher.argmax(-1)).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"kd": 0.5}, "teacher_logits and kd: expected both"),
+        ({"teacher_logits": torch.zeros(6, 5, dtype=torch.float64)}, "teacher_logits and kd"),
+        ({"teacher_logits": torch.zeros(6, 5), "kd": 1.5}, r"kd: expected a float in \[0, 1\], got 1.5"),
+        (
+            {"teacher_logits": torch.zeros(6, 4), "kd": 0.5},
+            r"teacher_logits: expected shape .*\(6, 5\).* got \(6, 4\)",
+        ),
+    ],
+)
+def test_teacher_distillation_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        multi_exit_loss(_logits(), _target(), **kwargs)

@@ -324,10 +324,13 @@ def run(
     return result
 
 
-def _trained(path: Path, name: str, kw: dict, data, tc: TrainConfig, seed: int, backbone=None, start=None):
+def _trained(
+    path: Path, name: str, kw: dict, data, tc: TrainConfig, seed: int, backbone=None, start=None, teacher=None
+):
     """Train `name` (or reuse the copy cached at `path` by an identical earlier run). With
     `backbone`, only the exits are trained, on that model's frozen stages and final classifier;
-    with `start`, every weight starts from that trained model and the whole network trains."""
+    with `start`, every weight starts from that trained model and the whole network trains; with
+    `teacher` (and tc.kd > 0), it also learns from that model's predictions."""
     if (path / "config.json").exists():
         _log(f"reusing trained {name} from {path}")
         return load(path)
@@ -343,7 +346,7 @@ def _trained(path: Path, name: str, kw: dict, data, tc: TrainConfig, seed: int, 
         f"static path {model.full_cost() / 1e6:.1f}) for {tc.epochs} epochs"
     )
     start = time.time()
-    train(model, data, tc)
+    train(model, data, tc, teacher=teacher)
     _log(f"trained {name} in {time.time() - start:.0f} s")
     model.eval()
     save(model, path)

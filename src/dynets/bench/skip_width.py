@@ -66,6 +66,10 @@ class SkipWidthBenchConfig:
     slim_loss: str = "distill"
     slim_lr: float = 0.02  # the static models' fine-tune lr (skip_lr): like for like
     baseline_epochs: int = 12
+    # knowledge distillation (weight in [0, 1]; 0 = none) from the fine-tuned static backbone into
+    # every model trained after it: the cheaper static baselines' fine-tunes as well as the skip and
+    # the slimmable model, so the dynamic models get no teacher the static ones lack
+    kd: float = 0.0
     # Like for like: every static model (the backbone and the cheaper baselines) is then trained for
     # the skip model's extra epochs at its lr, so each has seen as many epochs as the dynamic models
     # (False: the static models keep their first training only, as in runs before session 12)
@@ -116,6 +120,12 @@ class SkipWidthBenchConfig:
         for name in ("skip_recipe", "slim_recipe"):
             if getattr(self, name) not in ("finetune", "scratch"):
                 raise ValueError(f"{name}: expected 'finetune' or 'scratch', got {getattr(self, name)!r}")
+        if isinstance(self.kd, bool) or not isinstance(self.kd, (int, float)) or not 0 <= self.kd <= 1:
+            raise ValueError(f"kd: expected a float in [0, 1], got {self.kd!r}")
+        if self.kd and not self.baseline_finetune:
+            raise ValueError(
+                "kd > 0: expected baseline_finetune=True (the baselines learn from the teacher then)"
+            )
         if self.slim_loss not in ("label", "distill"):
             raise ValueError(f"slim_loss: expected 'label' or 'distill', got {self.slim_loss!r}")
 
@@ -211,32 +221,42 @@ def run(
     #    epochs; the default layout shares the early-exit benchmark's cache entry.
     ft_tc = TrainConfig(**{**tc, "epochs": cfg.skip_epochs, "lr": cfg.skip_lr})
     ft = [cfg.skip_epochs, cfg.skip_lr]
+    kd = ["kd", cfg.kd] if cfg.kd else []  # (the keys of the models trained before the option)
+    kd_tc = TrainConfig(**{**asdict(ft_tc), "kd": cfg.kd})
     first_acc: dict[str, float] = {}
 
-    def static_pair(model: str, label: str, mkw: dict, epochs: int):
+    def static_pair(model: str, label: str, mkw: dict, epochs: int, teacher=None):
         """(first training, model after the fine-tune) of the static model reported as `model` and
         cached as `label`; the default layout (mkw empty) is cached under the same names whether it
-        is the backbone or a baseline."""
+        is the backbone or a baseline. With `teacher`, the fine-tune distils from it (cfg.kd)."""
         mk = {**kw, **mkw}
+        tkey = kd if teacher is not None else []
         if mkw:
             stem = f"skip_width_{cfg.data}-static_{label}"
             first_path = cache / f"{stem}-{_key(base + [mk, epochs])}"
-            ft_path = cache / f"{stem}_finetune-{_key(base + [mk, epochs] + ft)}"
+            ft_path = cache / f"{stem}_finetune-{_key(base + [mk, epochs] + ft + tkey)}"
         else:  # the zoo's default ResNet
             first_path = cache / f"early_exit_{cfg.data}-static-{_key(base)}"
-            ft_path = cache / f"skip_width_{cfg.data}-static_finetune-{_key(base + ft)}"
+            ft_path = cache / f"skip_width_{cfg.data}-static_finetune-{_key(base + ft + tkey)}"
         first = _trained(
             first_path, "static_resnet", mk, train_set, TrainConfig(**{**tc, "epochs": epochs}), cfg.seed
         )
         if not cfg.baseline_finetune:
             return first, first
         first_acc[model] = _acc(_static_logits(first.eval(), test_set.x), test_set.y)
+        if teacher is not None:
+            return first, _trained(
+                ft_path, "static_resnet", mk, train_set, kd_tc, cfg.seed, start=first, teacher=teacher
+            )
         return first, _trained(ft_path, "static_resnet", mk, train_set, ft_tc, cfg.seed, start=first)
 
     static_first, static = static_pair("static", "backbone", cfg.backbone, cfg.epochs)
     baselines = {}
     for name, mkw in cfg.baselines.items():
-        _, baselines[name] = static_pair(f"static_{name}", name, mkw, cfg.baseline_epochs)
+        _, baselines[name] = static_pair(
+            f"static_{name}", name, mkw, cfg.baseline_epochs, teacher=static if cfg.kd else None
+        )
+    teacher = static.eval() if cfg.kd else None
     bk = {**kw, **cfg.backbone}
     bbase = [cfg.data, cfg.train_limit, cfg.seed, bk, tc_key] if cfg.backbone else base
 
@@ -248,12 +268,13 @@ def run(
     skip = slim = None
     if "skip" in cfg.parts:
         skip_key = _key(
-            bbase + [cfg.skip_recipe, cfg.skip_epochs, cfg.skip_lr, cfg.skip_target, cfg.skip_weight]
+            bbase + [cfg.skip_recipe, cfg.skip_epochs, cfg.skip_lr, cfg.skip_target, cfg.skip_weight] + kd
         )
         skip = _cached(
             cache / f"skip_width_{cfg.data}-skip-{skip_key}",
             build_skip,
-            lambda m: train(m, train_set, ft_tc),  # the statics' extra epochs, with gates
+            # the statics' extra epochs, with gates
+            lambda m: train(m, train_set, kd_tc if teacher else ft_tc, teacher=teacher),
         )
 
     def build_slim():
@@ -262,15 +283,15 @@ def run(
         return m.init_from_static(static_first) if cfg.slim_recipe == "finetune" else m
 
     if "slim" in cfg.parts:
-        slim_tc = TrainConfig(**{**tc, "epochs": cfg.slim_epochs, "lr": cfg.slim_lr})
+        slim_tc = TrainConfig(**{**tc, "epochs": cfg.slim_epochs, "lr": cfg.slim_lr, "kd": cfg.kd})
         loss = (
             [] if cfg.slim_loss == "distill" else [cfg.slim_loss]
         )  # the key of the models before the option
-        slim_key = _key(bbase + [cfg.slim_recipe, cfg.slim_epochs, cfg.slim_lr] + loss)
+        slim_key = _key(bbase + [cfg.slim_recipe, cfg.slim_epochs, cfg.slim_lr] + loss + kd)
         slim = _cached(
             cache / f"skip_width_{cfg.data}-slim-{slim_key}",
             build_slim,
-            lambda m: train_slimmable(m, train_set, slim_tc),
+            lambda m: train_slimmable(m, train_set, slim_tc, teacher=teacher),
         )
     for m in (static, static_first, skip, slim, *baselines.values()):
         if m is not None:
@@ -623,6 +644,11 @@ def _training_line(c: dict) -> str:
         else:
             out += f"; slimmable {c['epochs']} + {c['slim_epochs']} at lr {lr} (sandwich rule"
             out += f", {c.get('slim_loss', 'distill')} loss)"
+    if c.get("kd"):
+        out += (
+            f". Every fine-tune after the backbone's (the cheaper static models', the skip and the slimmable"
+            f" model's) also distils from the fine-tuned static backbone (weight {c['kd']}, temperature 3)"
+        )
     return out + "."
 
 
@@ -739,6 +765,13 @@ def main(argv: list[str] | None = None) -> int:
         help="static models keep their first training only (default: they also get the skip model's "
         "extra epochs, so every model has trained as long)",
     )
+    p.add_argument(
+        "--kd",
+        type=float,
+        default=None,
+        help="knowledge distillation weight in [0, 1] from the fine-tuned static backbone into every later "
+        "fine-tune: the cheaper static models' as well as the dynamic models' (default 0: none)",
+    )
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--val-limit", type=int, default=None)
     p.add_argument("--test-limit", type=int, default=None)
@@ -765,6 +798,7 @@ def main(argv: list[str] | None = None) -> int:
             slim_recipe=a.slim_recipe,
             slim_loss=a.slim_loss,
             baseline_epochs=a.baseline_epochs,
+            kd=a.kd,
             train_limit=a.train_limit,
             val_limit=a.val_limit,
             test_limit=a.test_limit,

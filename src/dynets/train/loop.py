@@ -71,6 +71,9 @@ class TrainConfig:
     augment: str = "none"  # or "crop_flip": pad-4 random crop + horizontal flip (CIFAR style)
     exit_weights: str | list[float] = "uniform"
     distill: float = 0.0
+    # knowledge distillation from an external teacher (`train(..., teacher=...)`) into every exit;
+    # its weight in [0, 1] (0: none), at `temperature`
+    kd: float = 0.0
     temperature: float = 3.0
     label_smoothing: float = 0.0
     checkpoint_dir: str | None = None
@@ -105,8 +108,9 @@ class TrainConfig:
             raise bad("weight_decay", "a float >= 0")
         if not is_num(self.warmup_epochs) or not 0 <= self.warmup_epochs <= self.epochs:
             raise bad("warmup_epochs", f"a float in [0, epochs={self.epochs}]")
-        if not is_num(self.distill) or not 0 <= self.distill <= 1:
-            raise bad("distill", "a float in [0, 1]")
+        for name in ("distill", "kd"):
+            if not is_num(getattr(self, name)) or not 0 <= getattr(self, name) <= 1:
+                raise bad(name, "a float in [0, 1]")
         if not is_num(self.label_smoothing) or not 0 <= self.label_smoothing < 1:
             raise bad("label_smoothing", "a float in [0, 1)")
         if self.grad_clip is not None and (not is_num(self.grad_clip) or self.grad_clip <= 0):
@@ -206,7 +210,9 @@ def _exit_logits(out: Any) -> list[torch.Tensor]:
     )
 
 
-def _default_loss(config: TrainConfig, out: Any, target: torch.Tensor) -> torch.Tensor:
+def _default_loss(
+    config: TrainConfig, out: Any, target: torch.Tensor, teacher_logits: torch.Tensor | None = None
+) -> torch.Tensor:
     loss = multi_exit_loss(
         _exit_logits(out),
         target,
@@ -214,9 +220,27 @@ def _default_loss(config: TrainConfig, out: Any, target: torch.Tensor) -> torch.
         distill=config.distill,
         temperature=config.temperature,
         label_smoothing=config.label_smoothing,
+        teacher_logits=teacher_logits,
+        kd=config.kd if teacher_logits is not None else 0.0,
     )
     extra = getattr(out, "aux", {}).get("loss") if not isinstance(out, torch.Tensor) else None
     return loss if extra is None else loss + extra
+
+
+@torch.no_grad()
+def _teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The teacher's (B, C) prediction for a training batch: `forward_static` where the model has one
+    (a dynamic model's every-layer path), else its plain output, last exit or `.logits`."""
+    out = teacher.forward_static(x) if hasattr(teacher, "forward_static") else teacher(x)
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, MultiExitOutput) or hasattr(out, "exit_logits"):
+        return out.exit_logits[-1]
+    if isinstance(getattr(out, "logits", None), torch.Tensor):
+        return out.logits
+    raise TypeError(
+        f"teacher output: expected a (B, C) Tensor or an output with logits, got {type(out).__name__}"
+    )
 
 
 # -------------------------------------------------------------------- optimiser, schedule, checkpoint
@@ -298,6 +322,7 @@ def train(
     eval_data: Any = None,
     stop_after_epoch: int | None = None,
     loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+    teacher: nn.Module | None = None,
 ) -> TrainResult:
     """Train `model` in place on `data` (any object with tensors .x (N, ...) and .y (N,) int64).
 
@@ -306,6 +331,8 @@ def train(
     resume: continue from that checkpoint. stop_after_epoch: return after that (1-based) epoch as if
     interrupted. loss_fn(output, target): replaces the default `multi_exit_loss` built from config;
     it receives the raw model output (so it can read `aux`).
+    teacher: a trained model whose predictions on each (augmented) batch every exit also learns from,
+    weighted by config.kd (knowledge distillation; run in eval mode without gradients, never updated).
     """
     x, y = _check_data(data, "data")
     eval_xy = _check_data(eval_data, "eval_data") if eval_data is not None else None
@@ -313,11 +340,45 @@ def train(
         raise ValueError(f"stop_after_epoch: expected None or an int >= 1, got {stop_after_epoch!r}")
     if resume and config.checkpoint_dir is None:
         raise ValueError("resume=True: expected config.checkpoint_dir to be set, got None")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher: expected None or an nn.Module, got {type(teacher).__name__}")
+    if (teacher is None) != (config.kd == 0):
+        raise ValueError(
+            "teacher and TrainConfig.kd: expected both (a teacher model and kd in (0, 1]) or neither, got "
+            f"teacher={'None' if teacher is None else type(teacher).__name__} and kd={config.kd!r}"
+        )
+    if teacher is not None and loss_fn is not None:
+        raise ValueError(
+            "teacher: distillation from a teacher is part of the default loss; expected no loss_fn with it, "
+            "got both"
+        )
+    if teacher is not None and teacher is model:
+        raise ValueError("teacher: expected a model other than the one being trained, got the same module")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model: expected at least one parameter with requires_grad=True, got none")
-    with distributed_context() as info:
-        return _run(model, params, x, y, eval_xy, config, info, resume, stop_after_epoch, loss_fn)
+    was_training = teacher.training if teacher is not None else False
+    try:
+        if teacher is not None:
+            teacher.eval()
+            loss_fn = _KDLoss(config, teacher)
+        with distributed_context() as info:
+            return _run(model, params, x, y, eval_xy, config, info, resume, stop_after_epoch, loss_fn)
+    finally:
+        if teacher is not None:
+            teacher.train(was_training)
+
+
+class _KDLoss:
+    """The default loss with the teacher's predictions on the batch's inputs as a KD target."""
+
+    needs_input = True
+
+    def __init__(self, config: TrainConfig, teacher: nn.Module) -> None:
+        self.config, self.teacher = config, teacher
+
+    def __call__(self, out: Any, target: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return _default_loss(self.config, out, target, _teacher_logits(self.teacher, x))
 
 
 def _run(model, params, x, y, eval_xy, config, info, resume, stop_after_epoch, loss_fn) -> TrainResult:
@@ -430,7 +491,7 @@ def _train_epoch(net, optimizer, scheduler, params, x, y, config, info, epoch, l
             xb = xb.contiguous(memory_format=torch.channels_last)
         # 4. forward, joint loss, backward (DDP averages gradients), step
         out = net(xb)
-        loss = loss_fn(out, yb)
+        loss = loss_fn(out, yb, xb) if getattr(loss_fn, "needs_input", False) else loss_fn(out, yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:

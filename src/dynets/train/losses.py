@@ -1,4 +1,5 @@
-"""Losses for multi-exit networks: joint weighted cross-entropy plus optional self-distillation.
+"""Losses for multi-exit networks: joint weighted cross-entropy plus optional self-distillation and
+knowledge distillation from an external teacher.
 
 Shape taken from torchtune's early-exit loss: one scalar that is a weighted sum of per-exit losses,
 with the weighting given by a named scale function ("uniform", "linear", "sqrt") or explicit numbers.
@@ -64,6 +65,8 @@ def multi_exit_loss(
     distill: float = 0.0,
     temperature: float = 3.0,
     label_smoothing: float = 0.0,
+    teacher_logits: torch.Tensor | None = None,
+    kd: float = 0.0,
 ) -> torch.Tensor:
     """Joint loss over every exit: sum_k w_k * loss_k, a scalar.
 
@@ -74,7 +77,10 @@ def multi_exit_loss(
         loss_k = (1 - distill) * CE_k + distill * T^2 * KL(softmax(z_last / T) || softmax(z_k / T))
     The teacher is detached, so the distillation term never pulls the last exit towards the early
     ones; the T^2 factor keeps its gradient scale independent of T (Hinton et al.). The last exit
-    always gets plain CE.
+    gets no self-distillation.
+    teacher_logits (B, C), from an external teacher (e.g. a larger static model), with kd in (0, 1]:
+    knowledge distillation into every exit, the last one included, mixed in after the above:
+        loss_k <- (1 - kd) * loss_k + kd * T^2 * KL(softmax(t / T) || softmax(z_k / T))
     """
     logits = [exit_logits] if isinstance(exit_logits, torch.Tensor) else list(exit_logits)
     if not logits:
@@ -102,12 +108,32 @@ def multi_exit_loss(
                 f"exit_logits[{k}]: expected shape (B, C) = ({target.shape[0]}, {n_classes}) matching "
                 f"target and the last exit, got {got}"
             )
+    if not isinstance(kd, (int, float)) or isinstance(kd, bool) or not 0.0 <= kd <= 1.0:
+        raise ValueError(f"kd: expected a float in [0, 1], got {kd!r}")
+    if (teacher_logits is None) != (kd == 0):
+        raise ValueError(
+            "teacher_logits and kd: expected both (a (B, C) tensor and kd in (0, 1]) or neither, got "
+            f"teacher_logits={'None' if teacher_logits is None else 'a tensor'} and kd={kd!r}"
+        )
+    if teacher_logits is not None and (
+        not isinstance(teacher_logits, torch.Tensor) or teacher_logits.shape != (target.shape[0], n_classes)
+    ):
+        got = (
+            tuple(teacher_logits.shape) if isinstance(teacher_logits, torch.Tensor) else type(teacher_logits)
+        )
+        raise ValueError(
+            f"teacher_logits: expected shape (B, C) = ({target.shape[0]}, {n_classes}) matching the exits, "
+            f"got {got}"
+        )
     w = exit_weights(len(logits), "uniform" if weights is None else weights).tolist()
 
     last = len(logits) - 1
     if distill > 0 and last > 0:
         # (B, C) teacher log-probabilities; detached so only the students learn from this term.
         teacher = F.log_softmax(logits[last].detach() / temperature, dim=-1)
+    outside = None  # the external teacher's (B, C) log-probabilities, never trained through
+    if teacher_logits is not None:
+        outside = F.log_softmax(teacher_logits.detach().to(logits[-1].dtype) / temperature, dim=-1)
     total = logits[0].new_zeros(())
     for k, z in enumerate(logits):
         loss_k = F.cross_entropy(z, target, label_smoothing=label_smoothing)
@@ -115,5 +141,9 @@ def multi_exit_loss(
             student = F.log_softmax(z / temperature, dim=-1)
             kl = F.kl_div(student, teacher, reduction="batchmean", log_target=True)
             loss_k = (1.0 - distill) * loss_k + distill * temperature**2 * kl
+        if outside is not None:
+            student = F.log_softmax(z / temperature, dim=-1)
+            kl = F.kl_div(student, outside, reduction="batchmean", log_target=True)
+            loss_k = (1.0 - kd) * loss_k + kd * temperature**2 * kl
         total = total + w[k] * loss_k
     return total

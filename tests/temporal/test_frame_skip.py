@@ -26,9 +26,10 @@ def _data(b: int = 8, t: int = 14, seed: int = 1) -> tuple[torch.Tensor, torch.T
 
 
 def _reference(
-    m: nn.Module, x: torch.Tensor, steps: int, conf: float | None
+    m: nn.Module, x: torch.Tensor, steps: int, conf: float | None, bias: float = 0.0
 ) -> tuple[torch.Tensor, list[int]]:
-    """One sample: read a frame, jump over the chosen number of frames, maybe stop; plain loop."""
+    """One sample: read a frame, jump over the chosen number of frames (skip length k costing bias * k
+    on its logit), maybe stop; plain loop."""
     cfg = m.config
     cell = (nn.LSTMCell if cfg.cell == "lstm" else nn.GRUCell)(cfg.input_size, cfg.hidden)
     for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
@@ -44,7 +45,8 @@ def _reference(
         logits = m.head(h)[0]
         if conf is not None and float(logits.softmax(0).max()) >= conf:
             return logits, reads
-        t += 1 + int(m.skip_policy(h).argmax())
+        scores = [float(v) - bias * k for k, v in enumerate(m.skip_policy(h)[0])]
+        t += 1 + max(range(len(scores)), key=lambda k: (scores[k], -k))  # first best, as argmax
     return m.head(h)[0], reads
 
 
@@ -174,3 +176,53 @@ def test_init_from_a_trained_rnn_copies_the_cell_and_classifier():
     for name in ("stack", "head"):
         ours, theirs = getattr(m, name).state_dict(), getattr(static, name).state_dict()
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("bias", [-2.0, 1.5])
+def test_skip_bias_knob_equals_dense_and_per_sample_reference(cell, bias):
+    m = _model(cell)
+    x, lengths = _data(b=12, seed=7)
+    out = m(x, lengths, skip_bias=bias)
+    dense = m.run_dense(x, lengths, skip_bias=bias)
+    assert torch.equal(out.decisions["read"], dense.decisions["read"])
+    torch.testing.assert_close(out.logits, dense.logits, atol=1e-6, rtol=1e-5)
+    pooled = m.run_pooled(x, 5, lengths, skip_bias=bias)
+    assert torch.equal(pooled.decisions["read"], out.decisions["read"]) and torch.equal(
+        pooled.flops, out.flops
+    )
+    with torch.no_grad():
+        for i in range(x.shape[0]):
+            logits, reads = _reference(m, x[i], int(lengths[i]), None, bias)
+            assert out.decisions["read"][i].nonzero().squeeze(1).tolist() == reads
+            torch.testing.assert_close(out.logits[i], logits, atol=1e-5, rtol=1e-5)
+            single = m(x[i : i + 1], lengths[i : i + 1], skip_bias=bias)
+            assert torch.equal(single.decisions["read"][0], out.decisions["read"][i])
+    assert not torch.equal(out.decisions["read"], m(x, lengths).decisions["read"])  # the knob acts
+
+
+def test_skip_bias_trades_reads_and_is_saved(tmp_path):
+    m = _model()
+    x, lengths = _data(b=16, seed=3)
+    valid = torch.arange(x.shape[1])[None, :] < lengths[:, None]
+    fractions = [float(m(x, lengths, skip_bias=b).decisions["num_reads"].sum()) for b in (-50, -1, 0, 1, 50)]
+    assert fractions == sorted(fractions) and fractions[0] < fractions[-1]
+    assert torch.equal(
+        m(x, lengths, skip_bias=1e4).decisions["read"], valid
+    )  # every frame: the full RNN's work
+    every = m(x, lengths, skip_bias=-1e4).decisions["read"]  # the longest skip after every read
+    assert torch.equal(every, valid & (torch.arange(x.shape[1]) % (m.config.max_skip + 1) == 0))
+    m.skip_bias = 1.5
+    ref = m(x, lengths, skip_bias=1.5)
+    save(m, tmp_path / "fs")
+    back = load(tmp_path / "fs")
+    assert back.skip_bias == 1.5 and torch.equal(back(x, lengths).decisions["read"], ref.decisions["read"])
+    for bad in (float("nan"), float("inf"), True, "1"):
+        with pytest.raises(
+            ValueError, match=r"skip_bias: expected a finite number \(0: the trained policy\), got"
+        ):
+            m(x, lengths, skip_bias=bad)
+        with pytest.raises(ValueError, match="skip_bias: expected a finite number"):
+            m.skip_bias = bad
+    with pytest.raises(ValueError, match="skip_bias"):
+        create_model("frameskip_rnn", skip_bias=float("nan"))

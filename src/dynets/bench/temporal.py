@@ -8,8 +8,10 @@ For each dataset (UCR sets and spoken digits):
   4. on the test split report both accuracies, the fraction of updates, and samples/s of the
      dynamic Skip-RNN against the full RNN (compare_wallclock, 2 threads) at batch 64 (per batch and
      streamed with at most 64 live, `run_pooled`), batch 1 and batch 256;
-  5. (frame_skip) fine-tune a frame-skipping RNN from the same full RNN and report its accuracy,
-     fraction of frames read and speed-up at batch 64 (no run-time knob: not at equal accuracy).
+  5. (frame_skip) fine-tune a frame-skipping RNN from the same full RNN, choose its run-time knob
+     (`skip_bias`, a cost per skipped frame) on validation like the Skip-RNN's threshold (fewest
+     reads within `tolerance` of the full RNN), and report its accuracy, fraction of frames read
+     and speed-up at batch 64 there, and for the trained policy alone (bias 0).
 
 Training length is counted in Adam updates (not epochs), so small and large sets train alike; the
 ElectricDevices training split is capped at 2,000 series to keep the full run near 20 minutes. Long
@@ -47,6 +49,8 @@ from dynets.temporal.plots import plot_step_usage  # noqa: E402
 
 HEADLINE_KEYS = ("full_acc", "skip_acc", "updates_fraction", "speedup")
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 1.0)
+# frame skipping's knob: cost per skipped frame on the skip logits (0: the trained policy; large: every frame)
+SKIP_BIASES = (-1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 TEST_CURVE = (0.3, 0.5, 0.7, 0.9, 1.0)
 
 
@@ -280,10 +284,12 @@ def _finetuned(path: Path, build, data: dict, static, cfg: SkipRNNBenchConfig, p
 
 
 def _frame_skip(
-    static, data: dict, kw: dict, key: list, bw: float, path_prefix: Path, cfg, progress: bool
+    static, data: dict, kw: dict, key: list, bw: float, path_prefix: Path, cfg, progress: bool, full_val: dict
 ) -> dict:
-    """Frame skipping on the same task: FrameSkipRNN fine-tuned from the full RNN; accuracy, fraction of
-    frames read, and samples/s against the full RNN at batch 64 (per batch and streamed, run_pooled)."""
+    """Frame skipping on the same task: FrameSkipRNN fine-tuned from the full RNN; its skip bias chosen
+    on validation (fewest reads within `tolerance` of the full RNN's accuracy there); accuracy and
+    fraction of frames read on test at that bias and at bias 0 (the trained policy), and samples/s
+    against the full RNN at batch 64 at the chosen bias (per batch and streamed, run_pooled)."""
     model = _finetuned(
         path_prefix.with_name(
             f"{path_prefix.name}-frameskip-{_key(key + [cfg.frame_max_skip, cfg.frame_policy_lr_mult])}"
@@ -301,17 +307,37 @@ def _frame_skip(
         progress,
         lr_mult=cfg.frame_policy_lr_mult,
     )
+    model.skip_bias = 0.0
+    policy = _evaluate(model, data["test"])  # the trained policy alone
+    sweep = []
+    for b in SKIP_BIASES:
+        model.skip_bias = b
+        sweep.append({"skip_bias": b, "val": _evaluate(model, data["val"])})
+    ok = [s for s in sweep if s["val"]["accuracy"] >= full_val["accuracy"] - cfg.tolerance]
+    if ok:
+        op = min(ok, key=lambda s: (s["val"]["updates_fraction"], -s["val"]["accuracy"]))
+    else:
+        op = max(sweep, key=lambda s: s["val"]["accuracy"])
+        _log(f"  frame skipping: no skip bias within {cfg.tolerance:.0%} of the full RNN on validation")
+    model.skip_bias = op["skip_bias"]
     res = _evaluate(model, data["test"])
     b64 = _time_batches(static, model, data["test"], 64, cfg.b64_samples, cfg)
     pooled = _time_pooled(static, model, data["test"], cfg)
     _log(
-        f"  frame skipping: acc {res['accuracy']:.4f}, frames read {res['updates_fraction']:.3f}, "
+        f"  frame skipping: bias 0 acc {policy['accuracy']:.4f} reads {policy['updates_fraction']:.3f}; "
+        f"bias {op['skip_bias']} acc {res['accuracy']:.4f}, frames read {res['updates_fraction']:.3f}, "
         f"speed-up b64 {b64['speedup']:.2f}x, pooled {pooled['speedup']:.2f}x"
     )
     return {
+        "skip_bias": op["skip_bias"],
+        "within_tolerance_on_val": bool(ok),
+        "val_acc": op["val"]["accuracy"],
         "acc": res["accuracy"],
         "reads_fraction": res["updates_fraction"],
         "mean_flops": res["mean_flops"],
+        "policy_acc": policy["accuracy"],
+        "policy_reads_fraction": policy["updates_fraction"],
+        "sweep": sweep,
         "max_skip": cfg.frame_max_skip,
         "speedup": b64["speedup"],
         "speedup_pooled": pooled["speedup"],
@@ -389,6 +415,7 @@ def run_dataset(spec: str, cfg: SkipRNNBenchConfig, progress: bool = True) -> di
             cache / f"skiprnn-{name}",
             cfg,
             progress,
+            full_val,
         )
     x, lengths, y = data["test"]
     with torch.inference_mode():
@@ -561,22 +588,44 @@ def _frame_skip_markdown(r: dict) -> list[str]:
         "",
         f"Fine-tuned from the same full RNN for as many steps as the Skip-RNN, with the same budget loss; "
         f"after each frame read, a linear policy on the hidden state picks a skip of 0-{c['frame_max_skip']} "
-        "frames (no run-time knob, no early stop here). Executed event-driven like the Skip-RNN; speed-ups "
-        "against the fused nn.LSTM at batch 64, per batch and streamed (`run_pooled`, at most 64 live). "
-        "Unlike the Skip-RNN rows above, these are not at equal accuracy: with no knob there is no operating "
-        "point to choose on validation, so the drop is whatever this training recipe gives; the rows show "
-        "what the executor turns fewer reads into.",
+        "frames (no early stop here). The run-time knob `skip_bias` takes a cost of that much per skipped "
+        "frame off the policy's logits (0: the trained policy; larger: more reads). It is chosen on "
+        "validation like the Skip-RNN's threshold: the fewest reads within "
+        f"{100 * c.get('tolerance', 0.01):.0f} point of the full RNN (from {SKIP_BIASES}). Executed "
+        "event-driven like the Skip-RNN; speed-ups against the fused nn.LSTM at batch 64, per batch and "
+        "streamed (`run_pooled`, at most 64 live), at the chosen bias. 'policy alone': bias 0.",
         "",
-        "| dataset | full acc | frame-skip acc | drop (points) | frames read | speed-up b64 | b64 pooled |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| dataset | full acc | skip bias (val) | frame-skip acc | drop (points) | frames read "
+        "| speed-up b64 | b64 pooled | policy alone: acc | policy alone: frames read |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in rows:
         f = e["frame_skip"]
-        lines.append(
-            f"| {e['data']} | {100 * e['full_acc']:.2f}% | {100 * f['acc']:.2f}% "
-            f"| {100 * (e['full_acc'] - f['acc']):.2f} | {f['reads_fraction']:.3f} "
-            f"| {f['speedup']:.2f}x | {f['speedup_pooled']:.2f}x |"
+        bias = f.get("skip_bias", 0.0)
+        mark = "" if f.get("within_tolerance_on_val", True) else " (none within tolerance: the best)"
+        pol = (
+            f"{100 * f['policy_acc']:.2f}% | {f['policy_reads_fraction']:.3f}"
+            if "policy_acc" in f
+            else f"{100 * f['acc']:.2f}% | {f['reads_fraction']:.3f}"
         )
+        lines.append(
+            f"| {e['data']} | {100 * e['full_acc']:.2f}% | {bias}{mark} | {100 * f['acc']:.2f}% "
+            f"| {100 * (e['full_acc'] - f['acc']):.2f} | {f['reads_fraction']:.3f} "
+            f"| {f['speedup']:.2f}x | {f['speedup_pooled']:.2f}x | {pol} |"
+        )
+    for e in rows:  # the validation sweeps the biases were chosen from
+        sweep = e["frame_skip"].get("sweep")
+        if not sweep:
+            continue
+        lines += [
+            "",
+            f"Skip-bias sweep, {e['data']} (validation; full RNN {100 * e['full_val_acc']:.2f}%):",
+            "",
+        ]
+        lines += ["| skip bias | val acc | val frames read |", "|---:|---:|---:|"]
+        for s in sweep:
+            v = s["val"]
+            lines.append(f"| {s['skip_bias']} | {100 * v['accuracy']:.2f}% | {v['updates_fraction']:.3f} |")
     return [*lines, ""]
 
 

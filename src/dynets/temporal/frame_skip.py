@@ -14,6 +14,12 @@ so the classification loss reaches the policy through the reads it caused, and a
 fraction of frames read (aux["loss"]) pushes it to skip. Inference takes the argmax skip length and
 runs dynamically: at each frame only the rows due to read are gathered and stepped.
 
+The skip bias (a run-time knob, `model.skip_bias` or forward(skip_bias=...)) trades reads for
+accuracy without retraining: a cost of `skip_bias` per skipped frame is taken off the policy's
+logits before the argmax, k = argmax_k (logit_k - skip_bias * k). 0 is the trained policy; a larger
+bias reads more frames (bias >= the logits' spread: every frame, the full RNN's work), a negative one
+fewer. Calibrated on validation like the Skip-RNN's threshold.
+
 Early classification (a run-time knob, `model.stop_confidence` or forward(stop_confidence=...)):
 after every read the classifier also runs on the reading rows and a row whose top softmax
 probability reaches the threshold stops reading for good. Its per-read head cost is counted. With
@@ -23,6 +29,7 @@ each sequence), which makes early answers worth trusting.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +69,7 @@ class FrameSkipConfig:
     tau: float = 1.0  # Gumbel-softmax temperature during training
     early_exit: bool = False  # also train the classifier on partial reads (1/4, 1/2, 3/4)
     stop_confidence: float | None = None  # run-time knob: stop reading at this confidence (None = never)
+    skip_bias: float = 0.0  # run-time knob: cost per skipped frame on the skip logits (> 0: read more)
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -78,6 +86,13 @@ class FrameSkipConfig:
             )
         if self.stop_confidence is not None:
             check_threshold("stop_confidence", self.stop_confidence)
+        self.skip_bias = check_bias(self.skip_bias)
+
+
+def check_bias(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"skip_bias: expected a finite number (0: the trained policy), got {value!r}")
+    return float(value)
 
 
 @register_architecture
@@ -106,6 +121,21 @@ class FrameSkipRNN(nn.Module):
     def stop_confidence(self, value: float | None) -> None:
         self.config.stop_confidence = None if value is None else check_threshold("stop_confidence", value)
 
+    @property
+    def skip_bias(self) -> float:
+        return self.config.skip_bias
+
+    @skip_bias.setter
+    def skip_bias(self, value: float) -> None:
+        self.config.skip_bias = check_bias(value)
+
+    def skip_lengths(self, top: torch.Tensor, bias: float) -> torch.Tensor:
+        """(B,) skip length 0..max_skip chosen from the (B, H) top hidden states, with `bias` per frame."""
+        logits = self.skip_policy(top)  # (B, K+1)
+        if bias:
+            logits = logits - bias * torch.arange(logits.shape[1], device=logits.device, dtype=logits.dtype)
+        return logits.argmax(1)
+
     def unit_costs(self) -> dict[str, int]:
         """FLOPs per sample of one read (cell stack), the skip policy, the classifier."""
         if "_units" not in self.__dict__:
@@ -130,17 +160,19 @@ class FrameSkipRNN(nn.Module):
         lengths: torch.Tensor | None = None,
         *,
         stop_confidence: float | None = None,
+        skip_bias: float | None = None,
     ) -> DynamicOutput | MultiExitOutput:
         lengths = check_sequences(x, self.config.input_size, lengths)
         conf = self.stop_confidence
         if stop_confidence is not None:
             conf = check_threshold("stop_confidence", stop_confidence)
+        bias = self.skip_bias if skip_bias is None else check_bias(skip_bias)
         if self.training:
             return self.forward_train(x, lengths)
         with torch.no_grad():
             if x.shape[0] == 1:
-                return self._run_single(x, lengths, conf)
-            return self.run_dynamic(x, lengths, conf)
+                return self._run_single(x, lengths, conf, bias)
+            return self.run_dynamic(x, lengths, conf, bias)
 
     def forward_train(self, x: torch.Tensor, lengths: torch.Tensor | None) -> MultiExitOutput:
         """Dense over rows and frames; hard Gumbel-softmax skip choices with straight-through gradients."""
@@ -187,12 +219,17 @@ class FrameSkipRNN(nn.Module):
         return DynamicOutput(logits, flops=flops, decisions={"read": read, "num_reads": n, "stop_step": stop})
 
     def run_dynamic(
-        self, x: torch.Tensor, lengths: torch.Tensor | None = None, stop_confidence: float | None = None
+        self,
+        x: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        stop_confidence: float | None = None,
+        skip_bias: float | None = None,
     ) -> DynamicOutput:
         """Event-driven executor (`run_events`): each round reads the next due frame of every live
         row, whatever its time step, and the policy's skip length says where the row reads next; a
-        row that stops early (or runs past its length) leaves the batch."""
-        return self._run_events(x, lengths, stop_confidence, capacity=x.shape[0])
+        row that stops early (or runs past its length) leaves the batch. skip_bias None: the model's."""
+        bias = self.skip_bias if skip_bias is None else check_bias(skip_bias)
+        return self._run_events(x, lengths, stop_confidence, capacity=x.shape[0], bias=bias)
 
     @torch.no_grad()
     def run_pooled(
@@ -201,15 +238,17 @@ class FrameSkipRNN(nn.Module):
         batch_size: int,
         lengths: torch.Tensor | None = None,
         stop_confidence: float | None = None,
+        skip_bias: float | None = None,
     ) -> DynamicOutput:
         """Throughput mode (continuous batching, as `SkipRNN.run_pooled`): at most `batch_size`
         sequences read at once, the next ones of x taking the places of those that finish. Same
         decisions, logits (up to float rounding) and FLOPs per sample as `run_dynamic`."""
         lengths = check_sequences(x, self.config.input_size, lengths)
-        return self._run_events(x, lengths, stop_confidence, capacity=check_batch_size(batch_size))
+        bias = self.skip_bias if skip_bias is None else check_bias(skip_bias)
+        return self._run_events(x, lengths, stop_confidence, capacity=check_batch_size(batch_size), bias=bias)
 
     def _run_events(
-        self, x: torch.Tensor, lengths: torch.Tensor | None, conf: float | None, capacity: int
+        self, x: torch.Tensor, lengths: torch.Tensor | None, conf: float | None, capacity: int, bias: float
     ) -> DynamicOutput:
         if conf is not None:
             check_threshold("stop_confidence", conf)
@@ -222,7 +261,7 @@ class FrameSkipRNN(nn.Module):
         logits = x.new_zeros(N, self.num_classes)
 
         def decide(top, memory, rows, pos):
-            k = self.skip_policy(top).argmax(1) + 1  # read the frame after the skipped ones
+            k = self.skip_lengths(top, bias) + 1  # read the frame after the skipped ones
             if conf is not None:
                 lg = self.head(top)
                 done = lg.softmax(1).amax(1) >= conf  # confident: stop reading for good
@@ -239,13 +278,15 @@ class FrameSkipRNN(nn.Module):
             logits.index_copy_(0, rest, self.head(top.index_select(0, rest)))
         return self._output(logits, read, stop, conf)
 
-    def _run_single(self, x: torch.Tensor, lengths: torch.Tensor | None, conf: float | None) -> DynamicOutput:
+    def _run_single(
+        self, x: torch.Tensor, lengths: torch.Tensor | None, conf: float | None, bias: float
+    ) -> DynamicOutput:
         """Batch size 1: jump straight from read to read; skipped frames are never touched."""
         T = x.shape[1]
         found: list = []  # (logits, frame) of an early stop
 
         def decide(top, memory, t):
-            k = 1 + int(self.skip_policy(top).argmax(1))  # every read runs the policy (its FLOPs are counted)
+            k = 1 + int(self.skip_lengths(top, bias))  # every read runs the policy (its FLOPs are counted)
             if conf is not None:
                 lg = self.head(top)
                 if float(lg.softmax(1).amax()) >= conf:
@@ -261,9 +302,15 @@ class FrameSkipRNN(nn.Module):
         return self._output(logits, read.to(x.device), stop_t, conf)
 
     def run_dense(
-        self, x: torch.Tensor, lengths: torch.Tensor | None = None, stop_confidence: float | None = None
+        self,
+        x: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        stop_confidence: float | None = None,
+        skip_bias: float | None = None,
     ) -> DynamicOutput:
         """Reference: every row computed at every frame; the same decisions select what is kept."""
+        bias = self.skip_bias if skip_bias is None else check_bias(skip_bias)
+        costs = bias * torch.arange(self.config.max_skip + 1, device=x.device, dtype=x.dtype)
         B, T, _ = x.shape
         valid = valid_mask(lengths, B, T, x.device)
         state = self.stack.init_state(B, x)
@@ -277,7 +324,8 @@ class FrameSkipRNN(nn.Module):
             due = (countdown == 0) & valid[:, t] & active
             new = self.stack.step(x[:, t], state, w)
             state = torch.where(due[:, None, None], new, state)
-            countdown = torch.where(due, self.skip_policy(self.stack.top(new)).argmax(1), countdown - 1)
+            k = (self.skip_policy(self.stack.top(new)) - costs).argmax(1)  # written out: the knob's reference
+            countdown = torch.where(due, k, countdown - 1)
             if stop_confidence is not None:
                 lg = self.head(self.stack.top(new))
                 done = due & (lg.softmax(1).amax(1) >= stop_confidence)

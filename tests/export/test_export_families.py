@@ -343,6 +343,7 @@ def test_frame_skip_export_reads_only_the_rows_due_to_read(tmp_path, fmt):
         got = rt.run(xb.numpy(), {"stop_confidence": c}, None if ln is None else ln.numpy())
         check_same(got, model(xb, ln, stop_confidence=c), ("read", "num_reads", "stop_step"))
     read = rt.run(x.numpy())["read"]
+    rt_plain_read = rt.run(x.numpy(), None, lengths.numpy())["read"]
     per_frame = read.sum(0)
     assert ((per_frame > 0) & (per_frame < 7)).any()  # frames read by some rows and skipped by others
     stop = rt.run(x.numpy(), {"stop_confidence": conf})["stop_step"]
@@ -350,6 +351,12 @@ def test_frame_skip_export_reads_only_the_rows_due_to_read(tmp_path, fmt):
     assert rt.run(x.numpy()[:0])["read"].shape == (0, 10)
     with pytest.raises(ValueError, match=r"stop_confidence: expected None or a number in \(0, 1\]"):
         rt.run(x.numpy(), {"stop_confidence": 1.5})
+    # the skip knobs saved with the model are part of the exported read graph
+    model.skip_bias, model.skip_cap = -1.0, 2
+    rt = load_runtime(export_model(model, tmp_path / "knob", format=fmt))
+    got = rt.run(x.numpy(), None, lengths.numpy())
+    check_same(got, model(x, lengths), ("read", "num_reads", "stop_step"))
+    assert not np.array_equal(got["read"], rt_plain_read)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torch"])

@@ -26,7 +26,7 @@ def _data(b: int = 8, t: int = 14, seed: int = 1) -> tuple[torch.Tensor, torch.T
 
 
 def _reference(
-    m: nn.Module, x: torch.Tensor, steps: int, conf: float | None, bias: float = 0.0
+    m: nn.Module, x: torch.Tensor, steps: int, conf: float | None, bias: float = 0.0, cap: int | None = None
 ) -> tuple[torch.Tensor, list[int]]:
     """One sample: read a frame, jump over the chosen number of frames (skip length k costing bias * k
     on its logit), maybe stop; plain loop."""
@@ -46,7 +46,8 @@ def _reference(
         if conf is not None and float(logits.softmax(0).max()) >= conf:
             return logits, reads
         scores = [float(v) - bias * k for k, v in enumerate(m.skip_policy(h)[0])]
-        t += 1 + max(range(len(scores)), key=lambda k: (scores[k], -k))  # first best, as argmax
+        k = max(range(len(scores)), key=lambda k: (scores[k], -k))  # the first best, as argmax
+        t += 1 + (k if cap is None else min(k, cap))  # a longer skip than the cap is cut to it
     return m.head(h)[0], reads
 
 
@@ -179,24 +180,24 @@ def test_init_from_a_trained_rnn_copies_the_cell_and_classifier():
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
-@pytest.mark.parametrize("bias", [-2.0, 1.5])
-def test_skip_bias_knob_equals_dense_and_per_sample_reference(cell, bias):
+@pytest.mark.parametrize("bias, cap", [(-2.0, None), (1.5, None), (0.0, 1), (-2.0, 2), (0.0, 0)])
+def test_skip_knobs_equal_dense_and_per_sample_reference(cell, bias, cap):
     m = _model(cell)
     x, lengths = _data(b=12, seed=7)
-    out = m(x, lengths, skip_bias=bias)
-    dense = m.run_dense(x, lengths, skip_bias=bias)
+    out = m(x, lengths, skip_bias=bias, skip_cap=cap)
+    dense = m.run_dense(x, lengths, skip_bias=bias, skip_cap=cap)
     assert torch.equal(out.decisions["read"], dense.decisions["read"])
     torch.testing.assert_close(out.logits, dense.logits, atol=1e-6, rtol=1e-5)
-    pooled = m.run_pooled(x, 5, lengths, skip_bias=bias)
+    pooled = m.run_pooled(x, 5, lengths, skip_bias=bias, skip_cap=cap)
     assert torch.equal(pooled.decisions["read"], out.decisions["read"]) and torch.equal(
         pooled.flops, out.flops
     )
     with torch.no_grad():
         for i in range(x.shape[0]):
-            logits, reads = _reference(m, x[i], int(lengths[i]), None, bias)
+            logits, reads = _reference(m, x[i], int(lengths[i]), None, bias, cap)
             assert out.decisions["read"][i].nonzero().squeeze(1).tolist() == reads
             torch.testing.assert_close(out.logits[i], logits, atol=1e-5, rtol=1e-5)
-            single = m(x[i : i + 1], lengths[i : i + 1], skip_bias=bias)
+            single = m(x[i : i + 1], lengths[i : i + 1], skip_bias=bias, skip_cap=cap)
             assert torch.equal(single.decisions["read"][0], out.decisions["read"][i])
     assert not torch.equal(out.decisions["read"], m(x, lengths).decisions["read"])  # the knob acts
 
@@ -226,3 +227,53 @@ def test_skip_bias_trades_reads_and_is_saved(tmp_path):
             m.skip_bias = bad
     with pytest.raises(ValueError, match="skip_bias"):
         create_model("frameskip_rnn", skip_bias=float("nan"))
+
+
+def test_skip_cap_binds_whatever_the_logits_and_is_saved(tmp_path):
+    m = _model()
+    with torch.no_grad():
+        m.skip_policy.weight.zero_()
+        m.skip_policy.bias.copy_(torch.tensor([0.0, 10.0, 20.0, 100.0]))  # the longer the better: skip 3
+    # (any bias small next to these logits would not move it; the cap does)
+    x, lengths = _data(b=9, seed=2)
+    valid = torch.arange(x.shape[1])[None, :] < lengths[:, None]
+    steps = torch.arange(x.shape[1])
+    for cap in (0, 1, 2, 3, None):
+        read = m(x, lengths, skip_cap=cap).decisions["read"]
+        every = (m.config.max_skip if cap is None else cap) + 1
+        assert torch.equal(read, valid & (steps % every == 0))
+    with torch.no_grad():  # second choice: read every frame; the cap still cuts the first choice, 3, to 1
+        m.skip_policy.bias.copy_(torch.tensor([50.0, 0.0, 0.0, 100.0]))
+    assert torch.equal(m(x, lengths, skip_cap=1).decisions["read"], valid & (steps % 2 == 0))
+    m.skip_cap = 1
+    save(m, tmp_path / "fs")
+    back = load(tmp_path / "fs")
+    assert back.skip_cap == 1 and torch.equal(back(x, lengths).decisions["read"], valid & (steps % 2 == 0))
+    assert torch.equal(back(x, lengths, skip_cap=None).decisions["read"], valid & (steps % 4 == 0))
+    for bad in (-1, 4, 1.0, True, "1"):
+        with pytest.raises(ValueError, match=r"skip_cap: expected None or an int in \[0, max_skip=3\], got"):
+            m(x, lengths, skip_cap=bad)
+        with pytest.raises(ValueError, match="skip_cap: expected None or an int"):
+            m.skip_cap = bad
+    with pytest.raises(ValueError, match="skip_cap"):
+        create_model("frameskip_rnn", max_skip=2, skip_cap=3)
+    with pytest.raises(ValueError, match="train_caps: expected a bool, got 1"):
+        create_model("frameskip_rnn", train_caps=1)
+
+
+def test_train_caps_draws_a_cap_per_sequence_and_keeps_gradients_finite():
+    m = _model(train_caps=True)
+    with torch.no_grad():
+        m.skip_policy.weight.zero_()
+        m.skip_policy.bias.copy_(torch.tensor([0.0, 50.0, 100.0, 150.0]))  # always the longest allowed
+    x, lengths = _data(b=200, t=12, seed=4)
+    m.train()
+    torch.manual_seed(0)
+    out = m(x, None)
+    reads = (out.aux["read_fraction"] * x.shape[1]).round().long()  # frames read per sequence
+    # cap c: frames 0, c+1, 2(c+1), ... -> ceil(12 / (c+1)) reads; every cap 0..3 drawn
+    assert set(reads.tolist()) == {12, 6, 4, 3}
+    y = torch.zeros(200, dtype=torch.long)
+    (nn.functional.cross_entropy(out.exit_logits[-1], y) + out.aux["loss"]).backward()
+    grads = [p.grad for p in m.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

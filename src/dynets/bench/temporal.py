@@ -9,9 +9,9 @@ For each dataset (UCR sets and spoken digits):
      dynamic Skip-RNN against the full RNN (compare_wallclock, 2 threads) at batch 64 (per batch and
      streamed with at most 64 live, `run_pooled`), batch 1 and batch 256;
   5. (frame_skip) fine-tune a frame-skipping RNN from the same full RNN, choose its run-time knob
-     (`skip_bias`, a cost per skipped frame) on validation like the Skip-RNN's threshold (fewest
+     (`skip_cap` or `skip_bias`) on validation like the Skip-RNN's threshold (fewest
      reads within `tolerance` of the full RNN), and report its accuracy, fraction of frames read
-     and speed-up at batch 64 there, and for the trained policy alone (bias 0).
+     and speed-up at batch 64 there, and for the trained policy alone (no cap, bias 0).
 
 Training length is counted in Adam updates (not epochs), so small and large sets train alike; the
 ElectricDevices training split is capped at 2,000 series to keep the full run near 20 minutes. Long
@@ -89,6 +89,8 @@ class SkipRNNBenchConfig:
     # the skip policy starts at "read every frame" (argmax skip 0) and its Gumbel samples are noisy: at the
     # gate's 3x it still read 99% of frames after 200 steps (ad hoc: 30x -> 37% on FSDD)
     frame_policy_lr_mult: float = 30.0
+    # train across the skip cap's range (FrameSkipConfig.train_caps: a cap 0..max_skip per sequence)
+    frame_train_caps: bool = False
     rounds: int = 5
     seed: int = 0
     threads: int = 2  # torch threads for training and timing
@@ -290,13 +292,15 @@ def _frame_skip(
     on validation (fewest reads within `tolerance` of the full RNN's accuracy there); accuracy and
     fraction of frames read on test at that bias and at bias 0 (the trained policy), and samples/s
     against the full RNN at batch 64 at the chosen bias (per batch and streamed, run_pooled)."""
+    tc = ["train_caps"] if cfg.frame_train_caps else []  # (the keys of the models before the option)
     model = _finetuned(
         path_prefix.with_name(
-            f"{path_prefix.name}-frameskip-{_key(key + [cfg.frame_max_skip, cfg.frame_policy_lr_mult])}"
+            f"{path_prefix.name}-frameskip-{_key(key + [cfg.frame_max_skip, cfg.frame_policy_lr_mult] + tc)}"
         ),
         lambda: create_model(
             "frameskip_rnn",
             max_skip=cfg.frame_max_skip,
+            train_caps=cfg.frame_train_caps,
             budget_weight=bw,
             budget_target=cfg.budget_target,
             **kw,
@@ -307,29 +311,34 @@ def _frame_skip(
         progress,
         lr_mult=cfg.frame_policy_lr_mult,
     )
-    model.skip_bias = 0.0
+    model.skip_bias, model.skip_cap = 0.0, None
     policy = _evaluate(model, data["test"])  # the trained policy alone
     sweep = []
-    for b in SKIP_BIASES:
-        model.skip_bias = b
-        sweep.append({"skip_bias": b, "val": _evaluate(model, data["val"])})
+    knobs = [(0.0, c) for c in range(cfg.frame_max_skip)] + [(b, None) for b in SKIP_BIASES]
+    for b, c in knobs:
+        model.skip_bias, model.skip_cap = b, c
+        sweep.append({"skip_bias": b, "skip_cap": c, "val": _evaluate(model, data["val"])})
     ok = [s for s in sweep if s["val"]["accuracy"] >= full_val["accuracy"] - cfg.tolerance]
     if ok:
         op = min(ok, key=lambda s: (s["val"]["updates_fraction"], -s["val"]["accuracy"]))
     else:
         op = max(sweep, key=lambda s: s["val"]["accuracy"])
         _log(f"  frame skipping: no skip bias within {cfg.tolerance:.0%} of the full RNN on validation")
-    model.skip_bias = op["skip_bias"]
+    model.skip_bias, model.skip_cap = op["skip_bias"], op["skip_cap"]
     res = _evaluate(model, data["test"])
     b64 = _time_batches(static, model, data["test"], 64, cfg.b64_samples, cfg)
     pooled = _time_pooled(static, model, data["test"], cfg)
     _log(
-        f"  frame skipping: bias 0 acc {policy['accuracy']:.4f} reads {policy['updates_fraction']:.3f}; "
-        f"bias {op['skip_bias']} acc {res['accuracy']:.4f}, frames read {res['updates_fraction']:.3f}, "
+        f"  frame skipping: policy alone acc {policy['accuracy']:.4f} "
+        f"reads {policy['updates_fraction']:.3f}; "
+        f"{_knob_label(op['skip_bias'], op['skip_cap'])}: acc {res['accuracy']:.4f}, "
+        f"frames read {res['updates_fraction']:.3f}, "
         f"speed-up b64 {b64['speedup']:.2f}x, pooled {pooled['speedup']:.2f}x"
     )
     return {
         "skip_bias": op["skip_bias"],
+        "skip_cap": op["skip_cap"],
+        "train_caps": cfg.frame_train_caps,
         "within_tolerance_on_val": bool(ok),
         "val_acc": op["val"]["accuracy"],
         "acc": res["accuracy"],
@@ -586,22 +595,30 @@ def _frame_skip_markdown(r: dict) -> list[str]:
     lines = [
         "## Frame skipping (FrameSkipRNN) on the same tasks",
         "",
-        f"Fine-tuned from the same full RNN for as many steps as the Skip-RNN, with the same budget loss; "
-        f"after each frame read, a linear policy on the hidden state picks a skip of 0-{c['frame_max_skip']} "
-        "frames (no early stop here). The run-time knob `skip_bias` takes a cost of that much per skipped "
-        "frame off the policy's logits (0: the trained policy; larger: more reads). It is chosen on "
-        "validation like the Skip-RNN's threshold: the fewest reads within "
-        f"{100 * c.get('tolerance', 0.01):.0f} point of the full RNN (from {SKIP_BIASES}). Executed "
-        "event-driven like the Skip-RNN; speed-ups against the fused nn.LSTM at batch 64, per batch and "
-        "streamed (`run_pooled`, at most 64 live), at the chosen bias. 'policy alone': bias 0.",
+        "Fine-tuned from the same full RNN for as many steps as the Skip-RNN, with the same budget loss"
+        + (
+            " and each training sequence's skip cap drawn from 0-" + f"{c['frame_max_skip']}; "
+            if c.get("frame_train_caps")
+            else "; "
+        )
+        + "after each frame read, a linear policy on the hidden state picks a skip of "
+        f"0-{c['frame_max_skip']} frames (no early stop here). Two run-time knobs: the skip cap (skip at "
+        "most that many frames after a read: 0 reads every frame) and the skip bias (that much per skipped "
+        "frame off the policy's logits; larger: more reads). The knob is chosen on validation like the "
+        "Skip-RNN's threshold: the fewest reads within "
+        f"{100 * c.get('tolerance', 0.01):.0f} point of the full RNN, among the caps "
+        f"0-{c['frame_max_skip'] - 1} and the biases {SKIP_BIASES}. Executed event-driven like the "
+        "Skip-RNN; speed-ups against the fused "
+        "nn.LSTM at batch 64, per batch and streamed (`run_pooled`, at most 64 live), at the chosen knob. "
+        "'policy alone': no cap, bias 0.",
         "",
-        "| dataset | full acc | skip bias (val) | frame-skip acc | drop (points) | frames read "
+        "| dataset | full acc | knob (val) | frame-skip acc | drop (points) | frames read "
         "| speed-up b64 | b64 pooled | policy alone: acc | policy alone: frames read |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in rows:
         f = e["frame_skip"]
-        bias = f.get("skip_bias", 0.0)
+        knob = _knob_label(f.get("skip_bias", 0.0), f.get("skip_cap"))
         mark = "" if f.get("within_tolerance_on_val", True) else " (none within tolerance: the best)"
         pol = (
             f"{100 * f['policy_acc']:.2f}% | {f['policy_reads_fraction']:.3f}"
@@ -609,24 +626,28 @@ def _frame_skip_markdown(r: dict) -> list[str]:
             else f"{100 * f['acc']:.2f}% | {f['reads_fraction']:.3f}"
         )
         lines.append(
-            f"| {e['data']} | {100 * e['full_acc']:.2f}% | {bias}{mark} | {100 * f['acc']:.2f}% "
+            f"| {e['data']} | {100 * e['full_acc']:.2f}% | {knob}{mark} | {100 * f['acc']:.2f}% "
             f"| {100 * (e['full_acc'] - f['acc']):.2f} | {f['reads_fraction']:.3f} "
             f"| {f['speedup']:.2f}x | {f['speedup_pooled']:.2f}x | {pol} |"
         )
-    for e in rows:  # the validation sweeps the biases were chosen from
+    for e in rows:  # the validation sweeps the knob was chosen from
         sweep = e["frame_skip"].get("sweep")
         if not sweep:
             continue
         lines += [
             "",
-            f"Skip-bias sweep, {e['data']} (validation; full RNN {100 * e['full_val_acc']:.2f}%):",
+            f"Knob sweep, {e['data']} (validation; full RNN {100 * e['full_val_acc']:.2f}%):",
             "",
         ]
-        lines += ["| skip bias | val acc | val frames read |", "|---:|---:|---:|"]
+        lines += ["| knob | val acc | val frames read |", "|---|---:|---:|"]
         for s in sweep:
-            v = s["val"]
-            lines.append(f"| {s['skip_bias']} | {100 * v['accuracy']:.2f}% | {v['updates_fraction']:.3f} |")
+            v, k = s["val"], _knob_label(s["skip_bias"], s.get("skip_cap"))
+            lines.append(f"| {k} | {100 * v['accuracy']:.2f}% | {v['updates_fraction']:.3f} |")
     return [*lines, ""]
+
+
+def _knob_label(bias: float, cap: int | None) -> str:
+    return f"cap {cap}" if cap is not None else f"bias {bias}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -637,11 +658,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", default=None, help="comma-separated specs, e.g. ucr:ECG5000,fsdd")
     p.add_argument("--steps", type=int, default=None, help="Adam updates of the full RNN")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument(
+        "--frame-train-caps",
+        action="store_true",
+        help="train the frame-skipping RNN with a random skip cap per sequence (default: the policy alone)",
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     extra = {"threads": args.threads}
     if args.steps:
         extra["steps"] = args.steps
+    if args.frame_train_caps:
+        extra["frame_train_caps"] = True
     cfg = SkipRNNBenchConfig(quick=args.quick, **extra)
     if args.datasets:
         cfg.datasets = tuple(s.strip() for s in args.datasets.split(",") if s.strip())

@@ -105,15 +105,15 @@ def _rnn_step(model: nn.Module, x_t: torch.Tensor, state: torch.Tensor) -> tuple
     """One step of a recurrent model for the rows that compute it: (x_t (n, F), state (n, R, H)) ->
     (new state, the decision input read from it): a Skip-RNN's update gate Δũ (n,), an ACT pass's
     halting probability (n,) (x_t then carries the first-pass flag), a frame skipper's skip length
-    (n,) int64 (the argmax of its policy)."""
+    (n,) int64 (the argmax of its policy at the model's skip bias and cap)."""
     from dynets.temporal.act import ACTRNN
     from dynets.temporal.frame_skip import FrameSkipRNN
 
     new = model.stack.step(x_t, state, model.stack.prepare())
     if isinstance(model, ACTRNN):
         return new, model._halting(new)
-    if isinstance(model, FrameSkipRNN):
-        return new, model.skip_policy(model.stack.top(new)).argmax(1)
+    if isinstance(model, FrameSkipRNN):  # the saved skip bias and cap are constants of the graph
+        return new, model.skip_lengths(model.stack.top(new), (model.skip_bias, model.skip_cap))
     return new, torch.sigmoid(model.gate(model.stack.memory(new))).squeeze(1)
 
 
@@ -361,6 +361,7 @@ def export_rnn(model: nn.Module, out: str | Path, *, format: str, opset: int, ex
     elif isinstance(model, FrameSkipRNN):
         kind, decide, extra = "frame_skip", model.skip_policy, {"read_cost": float(u["step"] + u["policy"])}
         extra["policy"] = {"stop_confidence": c.stop_confidence}
+        extra["skip_knob"] = {"skip_bias": c.skip_bias, "skip_cap": c.skip_cap}  # baked into the step graph
     else:
         kind, decide = "skip_rnn", model.gate
         extra = {"update_cost": float(model.update_cost()), "full_cost": float(model.full_cost())}

@@ -18,7 +18,13 @@ The skip bias (a run-time knob, `model.skip_bias` or forward(skip_bias=...)) tra
 accuracy without retraining: a cost of `skip_bias` per skipped frame is taken off the policy's
 logits before the argmax, k = argmax_k (logit_k - skip_bias * k). 0 is the trained policy; a larger
 bias reads more frames (bias >= the logits' spread: every frame, the full RNN's work), a negative one
-fewer. Calibrated on validation like the Skip-RNN's threshold.
+fewer. The skip cap (`model.skip_cap` or forward(skip_cap=...)) bounds the skip length: after a
+read, at most `skip_cap` frames are skipped (a longer choice of the policy is cut to skip_cap); 0
+reads every frame, None leaves max_skip. Unlike the bias it binds however large the policy's logits have
+grown in training. Both are calibrated on validation like the Skip-RNN's threshold. A model trained
+with the policy alone may not get better when made to read more (its cell and classifier learned on
+skipped sequences), so `train_caps=True` trains across the cap's range: each training sequence draws
+its own cap from 0..max_skip.
 
 Early classification (a run-time knob, `model.stop_confidence` or forward(stop_confidence=...)):
 after every read the classifier also runs on the reading rows and a row whose top softmax
@@ -70,6 +76,10 @@ class FrameSkipConfig:
     early_exit: bool = False  # also train the classifier on partial reads (1/4, 1/2, 3/4)
     stop_confidence: float | None = None  # run-time knob: stop reading at this confidence (None = never)
     skip_bias: float = 0.0  # run-time knob: cost per skipped frame on the skip logits (> 0: read more)
+    skip_cap: int | None = None  # run-time knob: skip at most this many frames after a read (None: max_skip)
+    # training: each sequence draws a skip cap uniformly from 0..max_skip, so the model learns to
+    # classify at every read rate the cap can ask for (False: the policy alone)
+    train_caps: bool = False
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -87,6 +97,16 @@ class FrameSkipConfig:
         if self.stop_confidence is not None:
             check_threshold("stop_confidence", self.stop_confidence)
         self.skip_bias = check_bias(self.skip_bias)
+        self.skip_cap = check_cap(self.skip_cap, self.max_skip)
+        if not isinstance(self.train_caps, bool):
+            raise ValueError(f"train_caps: expected a bool, got {self.train_caps!r}")
+
+
+def check_cap(value: object, max_skip: int) -> int | None:
+    ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= max_skip)
+    if not ok:
+        raise ValueError(f"skip_cap: expected None or an int in [0, max_skip={max_skip}], got {value!r}")
+    return value
 
 
 def check_bias(value: object) -> float:
@@ -129,12 +149,23 @@ class FrameSkipRNN(nn.Module):
     def skip_bias(self, value: float) -> None:
         self.config.skip_bias = check_bias(value)
 
-    def skip_lengths(self, top: torch.Tensor, bias: float) -> torch.Tensor:
-        """(B,) skip length 0..max_skip chosen from the (B, H) top hidden states, with `bias` per frame."""
-        logits = self.skip_policy(top)  # (B, K+1)
-        if bias:
-            logits = logits - bias * torch.arange(logits.shape[1], device=logits.device, dtype=logits.dtype)
-        return logits.argmax(1)
+    @property
+    def skip_cap(self) -> int | None:
+        return self.config.skip_cap
+
+    @skip_cap.setter
+    def skip_cap(self, value: int | None) -> None:
+        self.config.skip_cap = check_cap(value, self.config.max_skip)
+
+    def _knob(self, skip_bias: float | None, skip_cap: int | None | str) -> tuple[float, int | None]:
+        """(bias, cap) of a call: the model's own where the call gives none ("model" for the cap)."""
+        bias = self.skip_bias if skip_bias is None else check_bias(skip_bias)
+        cap = self.skip_cap if skip_cap == "model" else check_cap(skip_cap, self.config.max_skip)
+        return bias, cap
+
+    def skip_lengths(self, top: torch.Tensor, knob: tuple[float, int | None]) -> torch.Tensor:
+        """(B,) skip length 0..max_skip chosen from the (B, H) top hidden states at knob (bias, cap)."""
+        return _choose(self.skip_policy(top), *knob)
 
     def unit_costs(self) -> dict[str, int]:
         """FLOPs per sample of one read (cell stack), the skip policy, the classifier."""
@@ -161,18 +192,21 @@ class FrameSkipRNN(nn.Module):
         *,
         stop_confidence: float | None = None,
         skip_bias: float | None = None,
+        skip_cap: int | None | str = "model",
     ) -> DynamicOutput | MultiExitOutput:
+        """skip_bias / skip_cap: the run-time knobs for this call (default: the model's; a cap of None
+        lifts the model's cap)."""
         lengths = check_sequences(x, self.config.input_size, lengths)
         conf = self.stop_confidence
         if stop_confidence is not None:
             conf = check_threshold("stop_confidence", stop_confidence)
-        bias = self.skip_bias if skip_bias is None else check_bias(skip_bias)
+        knob = self._knob(skip_bias, skip_cap)
         if self.training:
             return self.forward_train(x, lengths)
         with torch.no_grad():
             if x.shape[0] == 1:
-                return self._run_single(x, lengths, conf, bias)
-            return self.run_dynamic(x, lengths, conf, bias)
+                return self._run_single(x, lengths, conf, knob)
+            return self._run_events(x, lengths, conf, capacity=x.shape[0], knob=knob)
 
     def forward_train(self, x: torch.Tensor, lengths: torch.Tensor | None) -> MultiExitOutput:
         """Dense over rows and frames; hard Gumbel-softmax skip choices with straight-through gradients."""
@@ -183,12 +217,19 @@ class FrameSkipRNN(nn.Module):
         w = self.stack.prepare()  # per-layer weights laid out for step()
         counter = torch.zeros(B, K + 1, dtype=x.dtype, device=x.device)
         counter[:, 0] = 1.0  # read the first frame
+        caps = None  # (B, 1) each training sequence's own skip cap
+        if self.config.train_caps:
+            caps = torch.randint(0, K + 1, (B, 1), device=x.device)
+        lengths_k = torch.arange(K + 1, device=x.device)
         reads, tops = [], []
         for t in range(T):
             r = counter[:, 0] * valid[:, t]  # (B,) exactly 0/1 forward
             state = r[:, None, None] * self.stack.step(x[:, t], state, w) + (1 - r)[:, None, None] * state
             logits = self.skip_policy(self.stack.top(state))  # (B, K+1) over skip lengths
             choice = gumbel_softmax(logits, self.config.tau, hard=True)
+            if caps is not None:  # a choice longer than the cap becomes the cap: its one-hot mass moves there
+                tail = choice.flip(1).cumsum(1).flip(1)  # (B, K+1) tail[j] = sum_{i >= j} choice[i]
+                choice = torch.where(lengths_k < caps, choice, torch.where(lengths_k == caps, tail, 0.0))
             shifted = torch.cat([counter[:, 1:], counter.new_zeros(B, 1)], 1)
             counter = r[:, None] * choice + (1 - r)[:, None] * shifted
             reads.append(r)
@@ -224,12 +265,14 @@ class FrameSkipRNN(nn.Module):
         lengths: torch.Tensor | None = None,
         stop_confidence: float | None = None,
         skip_bias: float | None = None,
+        skip_cap: int | None | str = "model",
     ) -> DynamicOutput:
         """Event-driven executor (`run_events`): each round reads the next due frame of every live
         row, whatever its time step, and the policy's skip length says where the row reads next; a
-        row that stops early (or runs past its length) leaves the batch. skip_bias None: the model's."""
-        bias = self.skip_bias if skip_bias is None else check_bias(skip_bias)
-        return self._run_events(x, lengths, stop_confidence, capacity=x.shape[0], bias=bias)
+        row that stops early (or runs past its length) leaves the batch. Knobs as in forward."""
+        return self._run_events(
+            x, lengths, stop_confidence, capacity=x.shape[0], knob=self._knob(skip_bias, skip_cap)
+        )
 
     @torch.no_grad()
     def run_pooled(
@@ -239,16 +282,22 @@ class FrameSkipRNN(nn.Module):
         lengths: torch.Tensor | None = None,
         stop_confidence: float | None = None,
         skip_bias: float | None = None,
+        skip_cap: int | None | str = "model",
     ) -> DynamicOutput:
         """Throughput mode (continuous batching, as `SkipRNN.run_pooled`): at most `batch_size`
         sequences read at once, the next ones of x taking the places of those that finish. Same
         decisions, logits (up to float rounding) and FLOPs per sample as `run_dynamic`."""
         lengths = check_sequences(x, self.config.input_size, lengths)
-        bias = self.skip_bias if skip_bias is None else check_bias(skip_bias)
-        return self._run_events(x, lengths, stop_confidence, capacity=check_batch_size(batch_size), bias=bias)
+        knob = self._knob(skip_bias, skip_cap)
+        return self._run_events(x, lengths, stop_confidence, capacity=check_batch_size(batch_size), knob=knob)
 
     def _run_events(
-        self, x: torch.Tensor, lengths: torch.Tensor | None, conf: float | None, capacity: int, bias: float
+        self,
+        x: torch.Tensor,
+        lengths: torch.Tensor | None,
+        conf: float | None,
+        capacity: int,
+        knob: tuple[float, int | None],
     ) -> DynamicOutput:
         if conf is not None:
             check_threshold("stop_confidence", conf)
@@ -261,7 +310,7 @@ class FrameSkipRNN(nn.Module):
         logits = x.new_zeros(N, self.num_classes)
 
         def decide(top, memory, rows, pos):
-            k = self.skip_lengths(top, bias) + 1  # read the frame after the skipped ones
+            k = self.skip_lengths(top, knob) + 1  # read the frame after the skipped ones
             if conf is not None:
                 lg = self.head(top)
                 done = lg.softmax(1).amax(1) >= conf  # confident: stop reading for good
@@ -279,14 +328,18 @@ class FrameSkipRNN(nn.Module):
         return self._output(logits, read, stop, conf)
 
     def _run_single(
-        self, x: torch.Tensor, lengths: torch.Tensor | None, conf: float | None, bias: float
+        self,
+        x: torch.Tensor,
+        lengths: torch.Tensor | None,
+        conf: float | None,
+        knob: tuple[float, int | None],
     ) -> DynamicOutput:
         """Batch size 1: jump straight from read to read; skipped frames are never touched."""
         T = x.shape[1]
         found: list = []  # (logits, frame) of an early stop
 
         def decide(top, memory, t):
-            k = 1 + int(self.skip_lengths(top, bias))  # every read runs the policy (its FLOPs are counted)
+            k = 1 + int(self.skip_lengths(top, knob))  # every read runs the policy (its FLOPs are counted)
             if conf is not None:
                 lg = self.head(top)
                 if float(lg.softmax(1).amax()) >= conf:
@@ -307,10 +360,13 @@ class FrameSkipRNN(nn.Module):
         lengths: torch.Tensor | None = None,
         stop_confidence: float | None = None,
         skip_bias: float | None = None,
+        skip_cap: int | None | str = "model",
     ) -> DynamicOutput:
         """Reference: every row computed at every frame; the same decisions select what is kept."""
-        bias = self.skip_bias if skip_bias is None else check_bias(skip_bias)
-        costs = bias * torch.arange(self.config.max_skip + 1, device=x.device, dtype=x.dtype)
+        bias, cap = self._knob(skip_bias, skip_cap)
+        K = self.config.max_skip
+        costs = bias * torch.arange(K + 1, device=x.device, dtype=x.dtype)
+        cap = K if cap is None else cap
         B, T, _ = x.shape
         valid = valid_mask(lengths, B, T, x.device)
         state = self.stack.init_state(B, x)
@@ -324,7 +380,9 @@ class FrameSkipRNN(nn.Module):
             due = (countdown == 0) & valid[:, t] & active
             new = self.stack.step(x[:, t], state, w)
             state = torch.where(due[:, None, None], new, state)
-            k = (self.skip_policy(self.stack.top(new)) - costs).argmax(1)  # written out: the knob's reference
+            k = (
+                (self.skip_policy(self.stack.top(new)) - costs).argmax(1).clamp(max=cap)
+            )  # the knobs, written out
             countdown = torch.where(due, k, countdown - 1)
             if stop_confidence is not None:
                 lg = self.head(self.stack.top(new))
@@ -335,3 +393,12 @@ class FrameSkipRNN(nn.Module):
             read.append(due)
         logits = torch.where(active[:, None], self.head(self.stack.top(state)), logits)
         return self._output(logits, torch.stack(read, 1), stop, stop_confidence)
+
+
+def _choose(logits: torch.Tensor, bias: float, cap: int | None) -> torch.Tensor:
+    """(B,) skip lengths at knob (bias, cap): the argmax after bias * k off each length k's logit,
+    cut to the cap."""
+    if bias:
+        logits = logits - bias * torch.arange(logits.shape[1], device=logits.device, dtype=logits.dtype)
+    k = logits.argmax(1)
+    return k if cap is None else k.clamp(max=cap)

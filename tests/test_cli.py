@@ -206,3 +206,5 @@ def test_train_teacher_bad_input(run_dir, tmp_path, capsys):
     assert "TrainConfig.kd: expected a float in [0, 1], got 2.0" in capsys.readouterr().err
     assert main([*base, "--teacher", str(tmp_path / "nothing")]) == 2
     assert "nothing" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="train text: --teacher and --kd are for image and sequence models"):
+        main(["train", "text", "--teacher", str(run_dir / "model")])

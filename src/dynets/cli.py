@@ -64,6 +64,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.model == "text":
         from dynets.cli_text import cmd_train_text
 
+        if args.teacher is not None or args.kd is not None:
+            raise SystemExit(
+                "train text: --teacher and --kd are for image and sequence models (not text yet)"
+            )
         return cmd_train_text(args)
     text_only = {
         "--model": args.encoder,

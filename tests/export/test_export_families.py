@@ -357,6 +357,8 @@ def test_frame_skip_export_reads_only_the_rows_due_to_read(tmp_path, fmt):
     got = rt.run(x.numpy(), None, lengths.numpy())
     check_same(got, model(x, lengths), ("read", "num_reads", "stop_step"))
     assert not np.array_equal(got["read"], rt_plain_read)
+    with pytest.raises(ValueError, match=r"\['skip_cap'\] are fixed in the exported read graph"):
+        rt.run(x.numpy(), {"stop_confidence": None, "skip_cap": 1})
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torch"])

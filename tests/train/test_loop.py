@@ -388,9 +388,37 @@ def test_teacher_distillation_bad_arguments():
         train(model, data, TrainConfig(**FAST), teacher=teacher)
     with pytest.raises(ValueError, match="expected no loss_fn with it"):
         train(model, data, TrainConfig(**FAST, kd=0.5), teacher=teacher, loss_fn=lambda o, y: o.sum())
-    with pytest.raises(ValueError, match="other than the one being trained"):
+    with pytest.raises(
+        ValueError, match="shares no parameters with the one being trained, got the same module"
+    ):
         train(model, data, TrainConfig(**FAST, kd=0.5), teacher=model)
+    with pytest.raises(ValueError, match="got one that shares some"):
+        train(model, data, TrainConfig(**FAST, kd=0.5), teacher=nn.Sequential(model.stem, nn.Linear(16, 4)))
     with pytest.raises(TypeError, match="teacher: expected None or an nn.Module, got str"):
         train(model, data, TrainConfig(**FAST, kd=0.5), teacher="static")
     with pytest.raises(ValueError, match=r"TrainConfig.kd: expected a float in \[0, 1\], got 2"):
         TrainConfig(kd=2)
+
+
+class ModeSpy(nn.Module):
+    """A teacher that records the mode it runs in; one submodule arrives in a mode of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+        self.norm = nn.BatchNorm1d(4)
+        self.seen: set[bool] = set()
+
+    def forward(self, x):
+        self.seen.add(self.training or self.norm.training)
+        return self.norm(self.body(x))
+
+
+def test_teacher_runs_in_eval_mode_and_every_submodule_gets_its_mode_back():
+    teacher = ModeSpy().train()
+    teacher.norm.eval()  # e.g. frozen batch-norm statistics inside a model left in train mode
+    stats = teacher.norm.running_mean.clone()
+    train(make_model(), make_data(64), TrainConfig(**{**FAST, "epochs": 1}, kd=0.5), teacher=teacher)
+    assert teacher.seen == {False}  # every training batch saw it in eval mode
+    assert teacher.training and teacher.body.training and not teacher.norm.training
+    assert torch.equal(teacher.norm.running_mean, stats)  # eval mode: its statistics never moved

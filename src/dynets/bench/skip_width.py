@@ -68,7 +68,9 @@ class SkipWidthBenchConfig:
     baseline_epochs: int = 12
     # knowledge distillation (weight in [0, 1]; 0 = none) from the fine-tuned static backbone into
     # every model trained after it: the cheaper static baselines' fine-tunes as well as the skip and
-    # the slimmable model, so the dynamic models get no teacher the static ones lack
+    # the slimmable model, so the dynamic models get no teacher the static ones lack. (With
+    # slim_loss "distill" only the slimmable net's full width learns from it; its narrower widths
+    # learn from the full width in place. With "label" every width learns from the teacher.)
     kd: float = 0.0
     # Like for like: every static model (the backbone and the cheaper baselines) is then trained for
     # the skip model's extra epochs at its lr, so each has seen as many epochs as the dynamic models
@@ -221,7 +223,8 @@ def run(
     #    epochs; the default layout shares the early-exit benchmark's cache entry.
     ft_tc = TrainConfig(**{**tc, "epochs": cfg.skip_epochs, "lr": cfg.skip_lr})
     ft = [cfg.skip_epochs, cfg.skip_lr]
-    kd = ["kd", cfg.kd] if cfg.kd else []  # (the keys of the models trained before the option)
+    # the teacher is the backbone: its settings join the key (none for the default, as before)
+    kd = (["kd", cfg.kd] + ([cfg.backbone] if cfg.backbone else [])) if cfg.kd else []
     kd_tc = TrainConfig(**{**asdict(ft_tc), "kd": cfg.kd})
     first_acc: dict[str, float] = {}
 
@@ -649,6 +652,10 @@ def _training_line(c: dict) -> str:
             f". Every fine-tune after the backbone's (the cheaper static models', the skip and the slimmable"
             f" model's) also distils from the fine-tuned static backbone (weight {c['kd']}, temperature 3)"
         )
+        if "slim" in parts and c.get("slim_loss", "distill") == "distill":
+            out += (
+                " (the slimmable net's full width; its narrower widths distil from the full width in place)"
+            )
     return out + "."
 
 

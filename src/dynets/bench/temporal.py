@@ -89,8 +89,10 @@ class SkipRNNBenchConfig:
     # the skip policy starts at "read every frame" (argmax skip 0) and its Gumbel samples are noisy: at the
     # gate's 3x it still read 99% of frames after 200 steps (ad hoc: 30x -> 37% on FSDD)
     frame_policy_lr_mult: float = 30.0
-    # train across the skip cap's range (FrameSkipConfig.train_caps: a cap 0..max_skip per sequence)
-    frame_train_caps: bool = False
+    # train across the skip cap's range (FrameSkipConfig.train_caps: a cap 0..max_skip per sequence).
+    # Session 16, against the policy alone (same runs otherwise): within 1 point on validation for every
+    # set, where the policy alone had no knob setting within 1 point on ElectricDevices and FSDD
+    frame_train_caps: bool = True
     rounds: int = 5
     seed: int = 0
     threads: int = 2  # torch threads for training and timing
@@ -323,7 +325,7 @@ def _frame_skip(
         op = min(ok, key=lambda s: (s["val"]["updates_fraction"], -s["val"]["accuracy"]))
     else:
         op = max(sweep, key=lambda s: s["val"]["accuracy"])
-        _log(f"  frame skipping: no skip bias within {cfg.tolerance:.0%} of the full RNN on validation")
+        _log(f"  frame skipping: no knob setting within {cfg.tolerance:.0%} of the full RNN on validation")
     model.skip_bias, model.skip_cap = op["skip_bias"], op["skip_cap"]
     res = _evaluate(model, data["test"])
     b64 = _time_batches(static, model, data["test"], 64, cfg.b64_samples, cfg)
@@ -660,16 +662,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument(
         "--frame-train-caps",
-        action="store_true",
-        help="train the frame-skipping RNN with a random skip cap per sequence (default: the policy alone)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train the frame-skipping RNN with a random skip cap per sequence (default: on; "
+        "--no-frame-train-caps: the policy alone)",
     )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     extra = {"threads": args.threads}
     if args.steps:
         extra["steps"] = args.steps
-    if args.frame_train_caps:
-        extra["frame_train_caps"] = True
+    if args.frame_train_caps is not None:
+        extra["frame_train_caps"] = args.frame_train_caps
     cfg = SkipRNNBenchConfig(quick=args.quick, **extra)
     if args.datasets:
         cfg.datasets = tuple(s.strip() for s in args.datasets.split(",") if s.strip())

@@ -533,6 +533,12 @@ class ACTRuntime(_SequenceRuntime):
 
 
 def _confidence(spec: dict[str, Any]) -> float | None:
+    fixed = sorted(k for k in spec if k in ("skip_bias", "skip_cap"))
+    if fixed:
+        raise ValueError(
+            f"policy: {fixed} are fixed in the exported read graph (set them on the model before export); "
+            f"expected only 'stop_confidence', got {sorted(spec)}"
+        )
     c = spec.get("stop_confidence")
     if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1):
         raise ValueError(f"stop_confidence: expected None or a number in (0, 1], got {c!r}")

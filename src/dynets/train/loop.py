@@ -352,12 +352,22 @@ def train(
             "teacher: distillation from a teacher is part of the default loss; expected no loss_fn with it, "
             "got both"
         )
-    if teacher is not None and teacher is model:
-        raise ValueError("teacher: expected a model other than the one being trained, got the same module")
+    if teacher is not None:
+        student = {id(p) for p in model.parameters()}
+        if teacher is model or any(id(p) in student for p in teacher.parameters()):
+            raise ValueError(
+                "teacher: expected a model that shares no parameters with the one being trained, got "
+                + ("the same module" if teacher is model else "one that shares some")
+            )
+        devices = {p.device for p in teacher.parameters()} | {p.device for p in model.parameters()}
+        if len(devices) > 1:
+            raise ValueError(
+                f"teacher: expected it on the student's device, got parameters on {sorted(map(str, devices))}"
+            )
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model: expected at least one parameter with requires_grad=True, got none")
-    was_training = teacher.training if teacher is not None else False
+    modes = [(m, m.training) for m in teacher.modules()] if teacher is not None else []
     try:
         if teacher is not None:
             teacher.eval()
@@ -365,8 +375,8 @@ def train(
         with distributed_context() as info:
             return _run(model, params, x, y, eval_xy, config, info, resume, stop_after_epoch, loss_fn)
     finally:
-        if teacher is not None:
-            teacher.train(was_training)
+        for m, was in modes:  # every submodule's own mode back, as it came
+            m.training = was
 
 
 class _KDLoss:
@@ -408,10 +418,11 @@ def _run(model, params, x, y, eval_xy, config, info, resume, stop_after_epoch, l
     start, history = 0, []
     if resume:
         state = load_checkpoint(ckpt)
+        defaults = asdict(TrainConfig())  # fields a checkpoint from an older version lacks
         changed = [
             k
             for k, v in asdict(config).items()
-            if k not in ("epochs", "progress", "checkpoint_dir") and state["config"].get(k) != v
+            if k not in ("epochs", "progress", "checkpoint_dir") and state["config"].get(k, defaults[k]) != v
         ]
         if changed:
             warnings.warn(f"resuming {ckpt} with changed config fields {changed}", stacklevel=3)

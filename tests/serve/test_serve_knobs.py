@@ -1,6 +1,6 @@
-"""Operating points of knob families (block skipping, routing, Skip-RNN) in the server: the ladder
-calibrated on held-out data, saved and loaded, and a batch whose requests sit at different levels
-answered as each sample run alone at its own level's knob setting."""
+"""Operating points of knob families (block skipping, routing, Skip-RNN, frame skipping, ...) in the
+server: the ladder calibrated on held-out data, saved and loaded, and a batch whose requests sit at
+different levels answered as each sample run alone at its own level's knob setting."""
 
 import math
 
@@ -38,6 +38,10 @@ def _model(name: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     else:
         m = dynets.create_model(name, input_size=2, hidden=8, num_classes=4, seq_len=12)
         x = torch.randn(96, 12, 2, generator=g)
+        if name == "frameskip_rnn":  # a policy that prefers long skips, more or less by input
+            with torch.no_grad():
+                m.skip_policy.weight.normal_(0, 2.0, generator=g)
+                m.skip_policy.bias.copy_(torch.arange(m.config.max_skip + 1, dtype=torch.float32))
     return m.eval(), x, torch.randint(0, 4, (96,), generator=g)
 
 
@@ -47,6 +51,7 @@ def _model(name: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
         "skip_resnet",
         "routed_resnet",
         "skip_lstm",
+        "frameskip_rnn",
         "slimmable_resnet",
         "dynamicvit_tiny",
         "avit_tiny",

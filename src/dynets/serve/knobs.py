@@ -8,6 +8,7 @@ it to a budget on held-out data:
     skip      SkipNetwork          gate threshold              depth.skipping.calibrate_skip_threshold
     route     RoutedResNet         routing cost penalty        routing.router.calibrate_route_bias
     skip_rnn  SkipRNN (skip=True)  update threshold            temporal.skip_rnn.calibrate_update_threshold
+    frames    FrameSkipRNN         skip cap (0..max_skip)      the dearest cap whose mean FLOPs fit
     width     SlimmableNetwork     width-chooser thresholds    width.slimmable.calibrate_width_policy
     dvit      DynamicViT           keep ratio                  bisection on the measured mean FLOPs
     avit      HaltingViT (A-ViT)   halting threshold           bisection on the measured mean FLOPs
@@ -127,6 +128,33 @@ def _rnn_apply(model: nn.Module, value: float) -> None:
     model.threshold = value
 
 
+def _cap_get(model: nn.Module) -> float:
+    return float(model.config.max_skip if model.skip_cap is None else model.skip_cap)
+
+
+def _cap_apply(model: nn.Module, value: float) -> None:
+    model.skip_cap = int(round(value))
+
+
+def _cap_calibrate(model: nn.Module, x: torch.Tensor, budget: float) -> float:
+    """The smallest skip cap (the most frames read) whose mean FLOPs on x fit the budget; the
+    largest cap (max_skip) when none does, as the bisected knobs do."""
+    target = budget * float(model.full_cost())
+    for cap in range(model.config.max_skip + 1):
+        model.skip_cap = cap
+        if _mean_flops(model, x) <= target * (1 + 1e-9):
+            return float(cap)
+    return float(model.config.max_skip)
+
+
+def _cap_cheapest(model: nn.Module, x: torch.Tensor) -> float:
+    old = model.skip_cap
+    model.skip_cap = model.config.max_skip
+    ratio = _mean_flops(model, x[:256]) / float(model.full_cost())
+    model.skip_cap = old
+    return ratio
+
+
 def _width_apply(model: nn.Module, value: list[float]) -> None:
     from dynets.width.slimmable import WidthPolicy
 
@@ -163,6 +191,14 @@ KNOBS = (
         _rnn_apply,
         _rnn_calibrate,
         lambda m, x: 0.05,
+    ),
+    Knob(
+        "frames",
+        _is("dynets.temporal.frame_skip", "FrameSkipRNN"),
+        _cap_get,
+        _cap_apply,
+        _cap_calibrate,
+        _cap_cheapest,
     ),
     Knob(  # a list of thresholds (one per width but the largest): the setting is a list
         "width",

@@ -178,6 +178,11 @@ class FrameSkipRNN(nn.Module):
             }
         return self.__dict__["_units"]
 
+    def full_cost(self, steps: int | None = None) -> float:
+        """FLOPs per sample when every one of `steps` frames (default seq_len) is read (cap 0)."""
+        u = self.unit_costs()
+        return float((steps or self.config.seq_len) * (u["step"] + u["policy"]) + u["head"])
+
     def init_from(self, other: nn.Module) -> FrameSkipRNN:
         """Copy the cell stack and classifier of a trained RNN (e.g. the static baseline, SkipRNN)."""
         self.stack.load_state_dict(other.stack.state_dict())

@@ -330,12 +330,13 @@ def _frame_skip(
     res = _evaluate(model, data["test"])
     b64 = _time_batches(static, model, data["test"], 64, cfg.b64_samples, cfg)
     pooled = _time_pooled(static, model, data["test"], cfg)
+    b1 = _time_batches(static, model, data["test"], 1, cfg.b1_samples, cfg)  # jumps from read to read
     _log(
         f"  frame skipping: policy alone acc {policy['accuracy']:.4f} "
         f"reads {policy['updates_fraction']:.3f}; "
         f"{_knob_label(op['skip_bias'], op['skip_cap'])}: acc {res['accuracy']:.4f}, "
         f"frames read {res['updates_fraction']:.3f}, "
-        f"speed-up b64 {b64['speedup']:.2f}x, pooled {pooled['speedup']:.2f}x"
+        f"speed-up b64 {b64['speedup']:.2f}x, pooled {pooled['speedup']:.2f}x, b1 {b1['speedup']:.2f}x"
     )
     return {
         "skip_bias": op["skip_bias"],
@@ -352,7 +353,8 @@ def _frame_skip(
         "max_skip": cfg.frame_max_skip,
         "speedup": b64["speedup"],
         "speedup_pooled": pooled["speedup"],
-        "timing": {"b64": b64, "b64_pooled": pooled},
+        "speedup_b1": b1["speedup"],
+        "timing": {"b64": b64, "b64_pooled": pooled, "b1": b1},
     }
 
 
@@ -615,8 +617,8 @@ def _frame_skip_markdown(r: dict) -> list[str]:
         "'policy alone': no cap, bias 0.",
         "",
         "| dataset | full acc | knob (val) | frame-skip acc | drop (points) | frames read "
-        "| speed-up b64 | b64 pooled | policy alone: acc | policy alone: frames read |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| speed-up b64 | b64 pooled | speed-up b1 | policy alone: acc | policy alone: frames read |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in rows:
         f = e["frame_skip"]
@@ -627,10 +629,11 @@ def _frame_skip_markdown(r: dict) -> list[str]:
             if "policy_acc" in f
             else f"{100 * f['acc']:.2f}% | {f['reads_fraction']:.3f}"
         )
+        b1 = f"{f['speedup_b1']:.2f}x" if "speedup_b1" in f else "-"
         lines.append(
             f"| {e['data']} | {100 * e['full_acc']:.2f}% | {knob}{mark} | {100 * f['acc']:.2f}% "
             f"| {100 * (e['full_acc'] - f['acc']):.2f} | {f['reads_fraction']:.3f} "
-            f"| {f['speedup']:.2f}x | {f['speedup_pooled']:.2f}x | {pol} |"
+            f"| {f['speedup']:.2f}x | {f['speedup_pooled']:.2f}x | {b1} | {pol} |"
         )
     for e in rows:  # the validation sweeps the knob was chosen from
         sweep = e["frame_skip"].get("sweep")

@@ -1,10 +1,13 @@
-"""Helpers shared by the benchmark drivers: timestamped log lines and cache keys for trained models."""
+"""Helpers shared by the benchmark drivers: timestamped log lines, cache keys for trained models, and
+the host's CPU model."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import time
+from pathlib import Path
 
 
 def log(msg: str, tag: str = "bench") -> None:
@@ -17,3 +20,15 @@ def cache_key(obj: object) -> str:
     hashes the same way, so one benchmark reuses a model another has trained with equal settings;
     changing this invalidates every cached model."""
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def cpu_model() -> str:
+    """The host's CPU model name (from /proc/cpuinfo; platform.processor() where that is missing):
+    speed-ups move with the machine, so every timed result says where it was measured."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

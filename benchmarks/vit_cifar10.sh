@@ -13,6 +13,9 @@
 # The reference ViT run (session 13, results/vit_cifar10_long*.json; ~45 min + ~30 min for the 4-epoch
 # fine-tunes): benchmarks/vit_cifar10.sh --parts vit --train-limit 0 --vit-epochs 10 --finetune-epochs 4 \
 #   --tome-r 8,10 --json benchmarks/results/vit_cifar10_long_ft4.json
+# Session 17 (keep predictors after blocks 0, 2, 4; ~90 min with training, on an AMD EPYC host):
+# benchmarks/vit_cifar10.sh --parts vit --train-limit 0 --vit-epochs 10 --finetune-epochs 4 \
+#   --tome-r 8,10,12 --dvit-prune-after 0,2,4 --json benchmarks/results/vit_cifar10_long_ft4_early.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ " $* " == *" --json "* ]]; then

@@ -16,6 +16,8 @@
 # Session 17 (keep predictors after blocks 0, 2, 4; ~90 min with training, on an AMD EPYC host):
 # benchmarks/vit_cifar10.sh --parts vit --train-limit 0 --vit-epochs 10 --finetune-epochs 4 \
 #   --tome-r 8,10,12 --dvit-prune-after 0,2,4 --json benchmarks/results/vit_cifar10_long_ft4_early.json
+# and again from the cache with the A-ViT threshold knob (~10 min): the same flags plus
+#   --halting-thresholds 0.99,0.9,0.8,0.7 --json benchmarks/results/vit_cifar10_long_ft4_early_halt.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ " $* " == *" --json "* ]]; then

@@ -27,3 +27,10 @@ def test_the_cli_rejects_prune_stages_that_are_not_ints(capsys):
 def test_cpu_model_names_the_host():
     name = cpu_model()
     assert isinstance(name, str) and name.strip()
+
+
+def test_the_cli_rejects_halting_thresholds_outside_the_unit_interval(capsys):
+    with pytest.raises(SystemExit):
+        spatial.main(["--halting-thresholds", "0.9,1.5"])
+    err = capsys.readouterr().err
+    assert "--halting-thresholds: expected comma-separated numbers in (0, 1], got '0.9,1.5'" in err

@@ -40,7 +40,7 @@ from dynets.core.serialization import atomic_write_bytes, load, save
 from dynets.data import DATASET_STATS, cache_dir, load_dataset
 from dynets.models.vit import check_token_multiple
 from dynets.policies.calibration import calibrate
-from dynets.spatial.halting import HaltingViT
+from dynets.spatial.halting import HaltingViT, check_threshold
 from dynets.spatial.merging import check_r, tome, tome_cost
 from dynets.spatial.plots import plot_glance_focus, plot_halting_depth, plot_kept_patches, plot_merged_groups
 from dynets.spatial.token_pruning import DynamicViT
@@ -576,6 +576,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="comma-separated 0-based blocks followed by a DynamicViT keep predictor (default 1,3,4)",
     )
+    p.add_argument(
+        "--halting-thresholds",
+        default=None,
+        help="comma-separated A-ViT halting thresholds in (0, 1] to evaluate (run-time knob; default 0.99)",
+    )
     p.add_argument("--tome-r", default=None, help="comma-separated ToMe merge counts per block (default 4,8)")
     p.add_argument("--json", default=None)
     p.add_argument("--out", default=None, help="folder for the Markdown and PNGs (default: beside --json)")
@@ -610,6 +615,16 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             p.error(
                 f"--dvit-prune-after: expected comma-separated ints such as 0,2,4, got {a.dvit_prune_after!r}"
+            )
+    if a.halting_thresholds:
+        try:
+            extra["halting_thresholds"] = tuple(
+                check_threshold(float(v)) for v in a.halting_thresholds.split(",")
+            )
+        except ValueError as e:
+            p.error(
+                f"--halting-thresholds: expected comma-separated numbers in (0, 1], got "
+                f"{a.halting_thresholds!r} ({e})"
             )
     cfg = SpatialBenchConfig(
         data=a.data,

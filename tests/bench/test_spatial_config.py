@@ -18,10 +18,15 @@ def test_bad_prune_stages_name_the_value_and_the_valid_range(stages):
         SpatialBenchConfig(dvit_prune_after=stages)
 
 
-def test_the_cli_rejects_prune_stages_that_are_not_ints(capsys):
+def test_the_cli_rejects_prune_stages_that_are_not_ints_or_out_of_range(capsys):
     with pytest.raises(SystemExit):
         spatial.main(["--dvit-prune-after", "0,two,4"])
     assert "expected comma-separated ints such as 0,2,4, got '0,two,4'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        spatial.main(["--dvit-prune-after", "0,5"])
+    assert "dvit_prune_after: expected strictly increasing block indices in [0, 4], got (0, 5)" in (
+        capsys.readouterr().err
+    )
 
 
 def test_cpu_model_names_the_host():
@@ -33,4 +38,12 @@ def test_the_cli_rejects_halting_thresholds_outside_the_unit_interval(capsys):
     with pytest.raises(SystemExit):
         spatial.main(["--halting-thresholds", "0.9,1.5"])
     err = capsys.readouterr().err
-    assert "--halting-thresholds: expected comma-separated numbers in (0, 1], got '0.9,1.5'" in err
+    assert "threshold: expected a number in (0, 1] (1 - eps), got 1.5" in err
+    with pytest.raises(SystemExit):
+        spatial.main(["--halting-thresholds", "0.9,high"])
+    assert "--halting-thresholds: expected comma-separated numbers in (0, 1]" in capsys.readouterr().err
+
+
+def test_bad_halting_thresholds_in_the_config_are_rejected_before_training():
+    with pytest.raises(ValueError, match=r"threshold: expected a number in \(0, 1\]"):
+        SpatialBenchConfig(halting_thresholds=(0.9, 0.0))

@@ -43,7 +43,7 @@ from dynets.policies.calibration import calibrate
 from dynets.spatial.halting import HaltingViT, check_threshold
 from dynets.spatial.merging import check_r, tome, tome_cost
 from dynets.spatial.plots import plot_glance_focus, plot_halting_depth, plot_kept_patches, plot_merged_groups
-from dynets.spatial.token_pruning import DynamicViT
+from dynets.spatial.token_pruning import DynamicViT, DynamicViTConfig, check_prune_after
 from dynets.train import TrainConfig, train
 
 HEADLINE_KEYS = ("static_acc", "dynamic_acc", "speedup_b1", "speedup_b64")
@@ -68,7 +68,7 @@ class SpatialBenchConfig:
     dvit_predictor_lr_scale: float = 10.0  # the keep predictors' lr = this x dvit_lr (session 13: 1 -> 10)
     # blocks followed by a keep predictor: (1, 3, 4) prunes late (29% fewer FLOPs at 0.7); (0, 2, 4)
     # spaces the stages like DynamicViT's 3/6/9 of 12 blocks (37% fewer at 0.7, as in the paper)
-    dvit_prune_after: tuple[int, ...] = (1, 3, 4)
+    dvit_prune_after: tuple[int, ...] = DynamicViTConfig.prune_after
     halting_lr: float = 3e-4  # A-ViT: the halting channel has to move within one epoch
     keep_ratios: tuple[float, ...] = (0.7, 0.5)
     # DynamicViT and ToMe rows again with sequence lengths rounded to multiples of this (the same
@@ -96,13 +96,9 @@ class SpatialBenchConfig:
         for r in self.tome_r:
             check_r(r)
         check_token_multiple(self.token_multiple)
-        self.dvit_prune_after = tuple(self.dvit_prune_after)
-        depth = self.vit_kw.get("depth", 6)
-        p = self.dvit_prune_after
-        if not p or any(b <= a for a, b in zip(p, p[1:])) or p[0] < 0 or p[-1] >= depth - 1:
-            raise ValueError(
-                f"dvit_prune_after: expected strictly increasing block indices in [0, {depth - 2}], got {p}"
-            )
+        depth = self.vit_kw.get("depth", DynamicViTConfig.depth)
+        self.dvit_prune_after = check_prune_after(self.dvit_prune_after, depth, "dvit_prune_after")
+        self.halting_thresholds = tuple(check_threshold(t) for t in self.halting_thresholds)
         if self.quick:
             self.train_limit = min(self.train_limit or 2000, 2000)
             self.val_limit = min(self.val_limit or 500, 500)
@@ -239,7 +235,7 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
 
     # (an lr scale of 1 adds nothing to the key, so models cached before the option are reused)
     dvit_extra = [cfg.dvit_predictor_lr_scale] if cfg.dvit_predictor_lr_scale != 1.0 else []
-    if cfg.dvit_prune_after != (1, 3, 4):  # likewise the default stages
+    if cfg.dvit_prune_after != DynamicViTConfig.prune_after:  # likewise the default stages
         dvit_extra.append(["prune_after", list(cfg.dvit_prune_after)])
 
     def build_dvit():
@@ -604,35 +600,27 @@ def main(argv: list[str] | None = None) -> int:
         if a.train_limit < 0:
             p.error(f"--train-limit: expected 0 (all) or a positive count, got {a.train_limit}")
         extra["train_limit"] = a.train_limit or None
-    if a.tome_r:
-        try:
-            extra["tome_r"] = tuple(int(v) for v in a.tome_r.split(","))
-        except ValueError:
-            p.error(f"--tome-r: expected comma-separated ints such as 4,8, got {a.tome_r!r}")
-    if a.dvit_prune_after:
-        try:
-            extra["dvit_prune_after"] = tuple(int(v) for v in a.dvit_prune_after.split(","))
-        except ValueError:
-            p.error(
-                f"--dvit-prune-after: expected comma-separated ints such as 0,2,4, got {a.dvit_prune_after!r}"
-            )
-    if a.halting_thresholds:
-        try:
-            extra["halting_thresholds"] = tuple(
-                check_threshold(float(v)) for v in a.halting_thresholds.split(",")
-            )
-        except ValueError as e:
-            p.error(
-                f"--halting-thresholds: expected comma-separated numbers in (0, 1], got "
-                f"{a.halting_thresholds!r} ({e})"
-            )
-    cfg = SpatialBenchConfig(
-        data=a.data,
-        quick=a.quick,
-        threads=a.threads,
-        parts=tuple(s.strip() for s in a.parts.split(",")),
-        **extra,
-    )
+    for flag, key, conv, example in (
+        ("--tome-r", "tome_r", int, "ints such as 4,8"),
+        ("--dvit-prune-after", "dvit_prune_after", int, "ints such as 0,2,4"),
+        ("--halting-thresholds", "halting_thresholds", float, "numbers in (0, 1] such as 0.99,0.9"),
+    ):
+        text = getattr(a, key)
+        if text:
+            try:
+                extra[key] = tuple(conv(v) for v in text.split(","))
+            except ValueError:
+                p.error(f"{flag}: expected comma-separated {example}, got {text!r}")
+    try:
+        cfg = SpatialBenchConfig(
+            data=a.data,
+            quick=a.quick,
+            threads=a.threads,
+            parts=tuple(s.strip() for s in a.parts.split(",")),
+            **extra,
+        )
+    except ValueError as e:  # a setting out of its range: the message names it
+        p.error(str(e))
     r = run(cfg, json_path=a.json, out_dir=a.out, progress=not a.no_progress)
     print(json.dumps({k: round(r[k], 4) for k in HEADLINE_KEYS if k in r}, indent=2))
     return 0

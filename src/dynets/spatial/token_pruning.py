@@ -46,6 +46,14 @@ def check_keep_ratio(rho: object) -> float:
     return float(rho)
 
 
+def check_prune_after(stages: object, depth: int, name: str = "prune_after") -> tuple[int, ...]:
+    """The blocks followed by a keep predictor: strictly increasing 0-based indices below the last block."""
+    p = tuple(stages)
+    if not p or any(b <= a for a, b in zip(p, p[1:])) or p[0] < 0 or p[-1] >= depth - 1:
+        raise ValueError(f"{name}: expected strictly increasing block indices in [0, {depth - 2}], got {p}")
+    return p
+
+
 @dataclass
 class DynamicViTConfig(ViTConfig):
     prune_after: tuple[int, ...] = (1, 3, 4)  # 0-based blocks followed by a keep predictor
@@ -73,11 +81,7 @@ class DynamicViTConfig(ViTConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        p = tuple(self.prune_after)
-        if not p or any(b <= a for a, b in zip(p, p[1:])) or p[0] < 0 or p[-1] >= self.depth - 1:
-            raise ValueError(
-                f"prune_after: expected strictly increasing block indices in [0, {self.depth - 2}], got {p}"
-            )
+        check_prune_after(self.prune_after, self.depth)
         check_keep_ratio(self.keep_ratio)
         for r in self.train_keep_ratios:
             check_keep_ratio(r)

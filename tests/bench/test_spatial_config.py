@@ -47,3 +47,36 @@ def test_the_cli_rejects_halting_thresholds_outside_the_unit_interval(capsys):
 def test_bad_halting_thresholds_in_the_config_are_rejected_before_training():
     with pytest.raises(ValueError, match=r"threshold: expected a number in \(0, 1\]"):
         SpatialBenchConfig(halting_thresholds=(0.9, 0.0))
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--halting-target-depth", "7", "target_depth: expected a value in (0, depth=6], got 7.0"),
+        ("--halting-distr-weight", "-0.5", "distr_weight: expected a finite number >= 0, got -0.5"),
+        ("--halting-ponder-weight", "inf", "ponder_weight: expected a finite number >= 0, got inf"),
+        ("--keep-ratios", "0.8,0", "keep_ratio: expected a number in (0, 1], got 0.0"),
+        ("--keep-ratios", "0.8,most", "--keep-ratios: expected comma-separated numbers in (0, 1]"),
+    ],
+)
+def test_the_cli_rejects_bad_halting_recipes_and_keep_ratios_before_training(capsys, flag, value, message):
+    with pytest.raises(SystemExit):
+        spatial.main(["--parts", "vit", flag, value])
+    assert message in capsys.readouterr().err
+
+
+def test_halting_recipe_flags_reach_the_config(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(spatial, "run", lambda cfg, **kw: seen.setdefault("cfg", cfg) and {})
+    spatial.main(["--halting-target-depth", "3.5", "--halting-distr-weight", "1", "--keep-ratios", "0.8,0.7"])
+    cfg = seen["cfg"]
+    assert cfg.halting_kw == {"target_depth": 3.5, "distr_weight": 1.0}
+    assert cfg.keep_ratios == (0.8, 0.7)
+    assert SpatialBenchConfig().halting_kw == {}  # the default recipe keeps the cached models' keys
+
+
+def test_unknown_halting_settings_are_named():
+    with pytest.raises(
+        ValueError, match=r"halting_kw: expected HaltingViTConfig fields, got unknown \['depthh'\]"
+    ):
+        SpatialBenchConfig(halting_kw={"depthh": 3})

@@ -112,3 +112,32 @@ def test_bad_input_empty_batch_and_round_trip(model, x, tmp_path):
 
 def test_depth_png(model, x, tmp_path):
     assert plot_halting_depth(x, model(x).decisions["depth"], tmp_path / "depth.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("bucket", [1, 3, 8, 1000])
+def test_attention_buckets_change_nothing(model, x, bucket):
+    """Grouping the live samples by active count for the attention core is an execution detail:
+    every bucket width gives the dense reference's outputs and decisions."""
+    with torch.no_grad():
+        ref = model.forward_dense(x, model.threshold)
+    groups_seen = []
+    orig = model._attention_groups
+    model.attn_bucket = bucket
+    model._attention_groups = lambda *a: groups_seen.append(orig(*a)) or groups_seen[-1]
+    try:
+        out = model(x)
+    finally:
+        del model.attn_bucket, model._attention_groups
+    assert torch.equal(out.decisions["depth"], ref["depth"])
+    torch.testing.assert_close(out.logits, ref["logits"], atol=1e-5, rtol=1e-4)
+    n_groups = max(len(g) for g in groups_seen)
+    if bucket == 1:
+        assert n_groups > 1, "the test needs live samples with different active counts"
+    if bucket == 1000:
+        assert n_groups == 1
+    for groups in groups_seen:  # each sample is padded by less than one bucket
+        assert sum(g[3] for g in groups) > 0
+        for _, _, _, n, L, bias in groups:
+            if bias is not None:
+                counts = (bias[:, 0, 0] == 0).sum(-1)
+                assert bool((L - counts < bucket).all())

@@ -24,7 +24,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -40,10 +40,10 @@ from dynets.core.serialization import atomic_write_bytes, load, save
 from dynets.data import DATASET_STATS, cache_dir, load_dataset
 from dynets.models.vit import check_token_multiple
 from dynets.policies.calibration import calibrate
-from dynets.spatial.halting import HaltingViT, check_threshold
+from dynets.spatial.halting import HaltingViT, HaltingViTConfig, check_threshold
 from dynets.spatial.merging import check_r, tome, tome_cost
 from dynets.spatial.plots import plot_glance_focus, plot_halting_depth, plot_kept_patches, plot_merged_groups
-from dynets.spatial.token_pruning import DynamicViT, DynamicViTConfig, check_prune_after
+from dynets.spatial.token_pruning import DynamicViT, DynamicViTConfig, check_keep_ratio, check_prune_after
 from dynets.train import TrainConfig, train
 
 HEADLINE_KEYS = ("static_acc", "dynamic_acc", "speedup_b1", "speedup_b64")
@@ -99,6 +99,13 @@ class SpatialBenchConfig:
         depth = self.vit_kw.get("depth", DynamicViTConfig.depth)
         self.dvit_prune_after = check_prune_after(self.dvit_prune_after, depth, "dvit_prune_after")
         self.halting_thresholds = tuple(check_threshold(t) for t in self.halting_thresholds)
+        if not self.keep_ratios:
+            raise ValueError("keep_ratios: expected at least one keep ratio in (0, 1], got none")
+        self.keep_ratios = tuple(check_keep_ratio(r) for r in self.keep_ratios)
+        bad = sorted(set(self.halting_kw) - {f.name for f in fields(HaltingViTConfig)})
+        if bad:
+            raise ValueError(f"halting_kw: expected HaltingViTConfig fields, got unknown {bad}")
+        HaltingViTConfig(**{**self.vit_kw, **self.halting_kw})  # a bad value fails here, not after training
         if self.quick:
             self.train_limit = min(self.train_limit or 2000, 2000)
             self.val_limit = min(self.val_limit or 500, 500)
@@ -238,11 +245,10 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
     if cfg.dvit_prune_after != DynamicViTConfig.prune_after:  # likewise the default stages
         dvit_extra.append(["prune_after", list(cfg.dvit_prune_after)])
 
-    def build_dvit():
+    def build_dvit():  # keep predictors initialised for the config's 0.7, whatever --keep-ratios evaluates
         return (
             DynamicViT.from_static(
                 static,
-                keep_ratio=cfg.keep_ratios[0],
                 train_keep_ratios=tuple(cfg.train_keep_ratios),
                 predictor_lr_scale=cfg.dvit_predictor_lr_scale,
                 prune_after=cfg.dvit_prune_after,
@@ -573,27 +579,36 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated 0-based blocks followed by a DynamicViT keep predictor (default 1,3,4)",
     )
     p.add_argument(
+        "--keep-ratios",
+        default=None,
+        help="comma-separated DynamicViT keep ratios in (0, 1] to evaluate (run-time knob; default 0.7,0.5; "
+        "the first is the headline)",
+    )
+    p.add_argument(
         "--halting-thresholds",
         default=None,
         help="comma-separated A-ViT halting thresholds in (0, 1] to evaluate (run-time knob; default 0.99)",
     )
+    for flag, hint in (
+        ("--halting-target-depth", "centre of A-ViT's halting-depth prior, in blocks (default 4)"),
+        ("--halting-distr-weight", "weight of A-ViT's halting-distribution prior loss (default 0.1)"),
+        ("--halting-ponder-weight", "weight of A-ViT's ponder loss (default 5e-4)"),
+    ):
+        p.add_argument(flag, type=float, default=None, help=hint + "; part of the A-ViT cache key")
     p.add_argument("--tome-r", default=None, help="comma-separated ToMe merge counts per block (default 4,8)")
     p.add_argument("--json", default=None)
     p.add_argument("--out", default=None, help="folder for the Markdown and PNGs (default: beside --json)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the benchmark's setting: 2)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    extra = {
-        k: v
-        for k, v in (
-            ("vit_epochs", a.vit_epochs),
-            ("finetune_epochs", a.finetune_epochs),
-            ("cnn_epochs", a.cnn_epochs),
-            ("dvit_predictor_lr_scale", a.dvit_predictor_lr_scale),
-            ("token_multiple", a.token_multiple),
-        )
-        if v is not None
-    }
+
+    def given(*names: str, prefix: str = "") -> dict:  # the options set on the command line
+        return {n: getattr(a, prefix + n) for n in names if getattr(a, prefix + n) is not None}
+
+    extra = given("vit_epochs", "finetune_epochs", "cnn_epochs", "dvit_predictor_lr_scale", "token_multiple")
+    halting_kw = given("target_depth", "distr_weight", "ponder_weight", prefix="halting_")
+    if halting_kw:
+        extra["halting_kw"] = halting_kw
     if a.limit:
         extra.update(train_limit=a.limit, test_limit=a.limit, val_limit=a.limit)
     if a.train_limit is not None:
@@ -604,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--tome-r", "tome_r", int, "ints such as 4,8"),
         ("--dvit-prune-after", "dvit_prune_after", int, "ints such as 0,2,4"),
         ("--halting-thresholds", "halting_thresholds", float, "numbers in (0, 1] such as 0.99,0.9"),
+        ("--keep-ratios", "keep_ratios", float, "numbers in (0, 1] such as 0.7,0.5"),
     ):
         text = getattr(a, key)
         if text:

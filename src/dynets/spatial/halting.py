@@ -16,10 +16,12 @@ Gaussian centred on `target_depth` blocks, + distill_weight * KL to a teacher's 
 
 Inference: a PACKED execution. The active tokens of all samples sit in one (T_active, D) tensor,
 so LayerNorm, qkv, proj and the MLP (about 95% of a block's FLOPs) run only on tokens that are
-still active; only the attention core needs a per-sample layout: qkv is scattered into
-(B_live, L_max, 3D), L_max the largest active count in the batch, with a key-padding mask, then
-gathered back. When every live sample has the same count the padding step is skipped (batch 1
-always). Per-sample FLOPs are the measured block costs at each sample's own active count (the
+still active; only the attention core needs a per-sample layout: the live samples are grouped by
+active count (buckets of `attn_bucket` = 16 tokens), and each group's qkv is scattered into
+(n_group, L_group, 3D), L_group the largest count in the group, with a key-padding mask, then
+gathered back. A sample is thus padded to its own bucket, not to the batch's longest (once most
+tokens have halted, one slow sample no longer makes every sample pay attention over 65 tokens).
+Where a group's counts are all equal the padding step is skipped (batch 1 always). Per-sample FLOPs are the measured block costs at each sample's own active count (the
 attention padding is not charged to anyone; it is the price of batching).
 
 decisions: "depth" (B, 1 + N) int64, the number of blocks each token ran (class token first).
@@ -63,11 +65,19 @@ class HaltingViTConfig(ViTConfig):
             raise ValueError(
                 f"target_depth: expected a value in (0, depth={self.depth}], got {self.target_depth}"
             )
+        for name in ("ponder_weight", "distr_weight", "distill_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+                raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
 
 
 @register_architecture
 class HaltingViT(ViT):
     config_class = HaltingViTConfig
+    # inference: live samples whose active counts fall in the same bucket of this many tokens share
+    # one padded attention call (an execution setting, not part of the model; any value >= 1 gives
+    # the same outputs)
+    attn_bucket: int = 16
 
     def __init__(self, config: HaltingViTConfig) -> None:
         super().__init__(config)
@@ -150,25 +160,59 @@ class HaltingViT(ViT):
         return loss
 
     # ---------------------------------------------------------------- packed path (inference)
-    def _packed_block(self, blk, xp, sid, pos, counts) -> torch.Tensor:
-        """One block on packed tokens xp (T, D) of live samples sid (T,) at positions pos (T,)."""
-        n_live, L = counts.shape[0], int(counts.max())
+    def _attention_groups(self, sid: torch.Tensor, pos: torch.Tensor, counts: torch.Tensor) -> list[tuple]:
+        """The attention layout of packed tokens: live samples grouped by active count into buckets
+        of `attn_bucket` tokens, so that each sample is padded only to the longest count in its
+        group, not in the batch. One entry per group: (idx, lsid, pos, n, L, bias), idx the packed
+        tokens of the group (None: all), lsid / pos their place in the group's (n, L) grid (None:
+        every count is L, and the tokens, sample-major, are that grid as a view), bias the key
+        padding mask (None: no padding)."""
+        n_live = counts.shape[0]
+        bucket = torch.div(counts - 1, self.attn_bucket, rounding_mode="floor")
+        labels = torch.unique(bucket)
+        groups = []
+        for b in labels.tolist():
+            if labels.numel() == 1:
+                members, idx, c, gsid, gpos = None, None, counts, sid, pos
+            else:
+                members = (bucket == b).nonzero().squeeze(1)  # live indices, ascending
+                idx = (bucket[sid] == b).nonzero().squeeze(1)  # their tokens, still sample-major
+                c, gsid, gpos = counts[members], sid[idx], pos[idx]
+            n, L = c.shape[0], int(c.max())
+            if bool((c == L).all()):
+                groups.append((idx, None, None, n, L, None))
+                continue
+            if members is not None:  # live index -> index within the group
+                local = torch.empty(n_live, dtype=torch.long, device=sid.device)
+                local[members] = torch.arange(n, device=sid.device)
+                gsid = local[gsid]
+            bias = torch.zeros(n, 1, 1, L, dtype=self.cls_token.dtype, device=sid.device)
+            bias.masked_fill_(
+                torch.arange(L, device=sid.device)[None, None, None] >= c[:, None, None, None], -math.inf
+            )
+            groups.append((idx, gsid, gpos, n, L, bias))
+        return groups
+
+    def _packed_block(self, blk, xp: torch.Tensor, groups: list[tuple]) -> torch.Tensor:
+        """One block on packed tokens xp (T, D); the attention core runs group by group (see
+        `_attention_groups`), everything else on the packed tokens."""
         D, H = xp.shape[-1], blk.attn.heads
         qkv = blk.attn.qkv(blk.norm1(xp))  # (T, 3D) on active tokens only
-        uniform = bool((counts == L).all())
-        if uniform:  # tokens are sample-major, so this is a view: no padding at all
-            grid, bias = qkv.view(n_live, L, 3 * D), None
-        else:
-            grid = qkv.new_zeros(n_live, L, 3 * D)
-            grid[sid, pos] = qkv
-            bias = torch.zeros(n_live, 1, 1, L, dtype=xp.dtype, device=xp.device)
-            bias.masked_fill_(
-                torch.arange(L, device=xp.device)[None, None, None] >= counts[:, None, None, None],
-                float("-inf"),
-            )
-        q, k, v = grid.view(n_live, L, 3, H, D // H).permute(2, 0, 3, 1, 4)  # each (n, H, L, d)
-        o = attention_core(q, k, v, bias).transpose(1, 2).reshape(n_live, L, D)
-        o = o.reshape(-1, D) if uniform else o[sid, pos]  # back to packed (T, D)
+        o = None if groups[0][0] is None else xp.new_empty(xp.shape)
+        for idx, gsid, gpos, n, L, bias in groups:
+            part = qkv if idx is None else qkv[idx]
+            if gsid is None:
+                grid = part.view(n, L, 3 * D)
+            else:
+                grid = part.new_zeros(n, L, 3 * D)
+                grid[gsid, gpos] = part
+            q, k, v = grid.view(n, L, 3, H, D // H).permute(2, 0, 3, 1, 4)  # each (n, H, L, d)
+            og = attention_core(q, k, v, bias).transpose(1, 2).reshape(n, L, D)
+            og = og.reshape(-1, D) if gsid is None else og[gsid, gpos]  # back to packed
+            if idx is None:
+                o = og
+            else:
+                o[idx] = og
         xp = xp + blk.attn.proj(o)
         return xp + blk.mlp(blk.norm2(xp))
 
@@ -199,10 +243,11 @@ class HaltingViT(ViT):
                 starts = counts.cumsum(0) - counts
                 pos = torch.arange(sid.numel(), device=dev) - starts[sid]
                 block_flops = table[counts]
+                groups = self._attention_groups(sid, pos, counts)
             flops[live] += block_flops
             depth[sample, tok] += 1
             # 2. the block on active tokens only
-            xp = self._packed_block(blk, xp, sid, pos, counts)
+            xp = self._packed_block(blk, xp, groups)
             # 3. halting: ACT weight for the class token, who stops, whole samples that stop
             h = self.halting_score(xp, i)
             halt = cum + h >= threshold

@@ -136,8 +136,8 @@ def test_attention_buckets_change_nothing(model, x, bucket):
     if bucket == 1000:
         assert n_groups == 1
     for groups in groups_seen:  # each sample is padded by less than one bucket
-        assert sum(g[3] for g in groups) > 0
-        for _, _, _, n, L, bias in groups:
+        assert sum(g[2] for g in groups) > 0
+        for _, _, n, L, bias in groups:
             if bias is not None:
                 counts = (bias[:, 0, 0] == 0).sum(-1)
                 assert bool((L - counts < bucket).all())

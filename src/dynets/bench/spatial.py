@@ -480,13 +480,18 @@ def _training_line(c: dict) -> str:
     if not c:
         return ""
     n = f"{c['train_limit']} training images" if c.get("train_limit") else "all training images"
+    hk = {**{f.name: f.default for f in fields(HaltingViTConfig)}, **c.get("halting_kw", {})}
+    recipe = (
+        f", halting-depth prior centred on block {hk['target_depth']:g} with weight {hk['distr_weight']:g}, "
+        f"ponder weight {hk['ponder_weight']:g}"
+    )
     return (
         f"Training: the static ViT {c['vit_epochs']} epochs on {n} (lr {c['vit_lr']}); DynamicViT "
         f"and A-ViT fine-tuned from it for {c['finetune_epochs']} epoch(s) (DynamicViT lr {c['dvit_lr']}, "
         f"its keep predictors x{c.get('dvit_predictor_lr_scale', 1.0):g} after blocks "
         f"{', '.join(map(str, c.get('dvit_prune_after', (1, 3, 4))))} (0-based); "
-        f"A-ViT lr {c['halting_lr']}); ToMe untrained. Speed-ups: images/s vs the static ViT in the same "
-        "process, alternating passes, medians."
+        f"A-ViT lr {c['halting_lr']}{recipe}); ToMe untrained. Speed-ups: images/s vs the static ViT in the "
+        "same process, alternating passes, medians."
     )
 
 

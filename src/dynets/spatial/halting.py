@@ -21,8 +21,10 @@ active count (buckets of `attn_bucket` = 16 tokens), and each group's qkv is sca
 (n_group, L_group, 3D), L_group the largest count in the group, with a key-padding mask, then
 gathered back. A sample is thus padded to its own bucket, not to the batch's longest (once most
 tokens have halted, one slow sample no longer makes every sample pay attention over 65 tokens).
-Where a group's counts are all equal the padding step is skipped (batch 1 always). Per-sample FLOPs are the measured block costs at each sample's own active count (the
-attention padding is not charged to anyone; it is the price of batching).
+Where a group's counts are all equal the padding step is skipped (batch 1 always). Scatter and
+gather go through flat indices (index_copy_ / index_select), and a token's depth is written once,
+when it stops. Per-sample FLOPs are the measured block costs at each sample's own active count
+(the attention padding is not charged to anyone; it is the price of batching).
 
 decisions: "depth" (B, 1 + N) int64, the number of blocks each token ran (class token first).
 `threshold` is a run-time knob (`model.threshold = 0.9` or `model(x, threshold=0.9)`).
@@ -160,37 +162,35 @@ class HaltingViT(ViT):
         return loss
 
     # ---------------------------------------------------------------- packed path (inference)
-    def _attention_groups(self, sid: torch.Tensor, pos: torch.Tensor, counts: torch.Tensor) -> list[tuple]:
-        """The attention layout of packed tokens: live samples grouped by active count into buckets
-        of `attn_bucket` tokens, so that each sample is padded only to the longest count in its
-        group, not in the batch. One entry per group: (idx, lsid, pos, n, L, bias), idx the packed
-        tokens of the group (None: all), lsid / pos their place in the group's (n, L) grid (None:
-        every count is L, and the tokens, sample-major, are that grid as a view), bias the key
-        padding mask (None: no padding)."""
-        n_live = counts.shape[0]
+    def _attention_groups(self, sid: torch.Tensor, counts: torch.Tensor) -> list[tuple]:
+        """The attention layout of packed tokens (sample-major; sid (T,) the live index of each):
+        live samples grouped by token count into buckets of `attn_bucket` tokens, so that a sample
+        is padded only to the longest count in its group, not in the batch. One entry per group:
+        (idx, flat, n, L, bias): idx the group's packed tokens (None: all of them), flat their
+        places in the group's (n * L) grid (None: every count is L, and the tokens are that grid
+        as a view), bias the key-padding mask (None: no padding)."""
+        dev = sid.device
         bucket = torch.div(counts - 1, self.attn_bucket, rounding_mode="floor")
-        labels = torch.unique(bucket)
+        labels = bucket.unique()
         groups = []
         for b in labels.tolist():
             if labels.numel() == 1:
-                members, idx, c, gsid, gpos = None, None, counts, sid, pos
+                idx, c, gsid = None, counts, sid
             else:
-                members = (bucket == b).nonzero().squeeze(1)  # live indices, ascending
-                idx = (bucket[sid] == b).nonzero().squeeze(1)  # their tokens, still sample-major
-                c, gsid, gpos = counts[members], sid[idx], pos[idx]
+                members = bucket == b
+                idx = members.index_select(0, sid).nonzero().squeeze(1)  # still sample-major
+                c = counts[members]
+                local = members.long().cumsum(0) - 1  # live index -> index within the group
+                gsid = local.index_select(0, sid.index_select(0, idx))
             n, L = c.shape[0], int(c.max())
             if bool((c == L).all()):
-                groups.append((idx, None, None, n, L, None))
+                groups.append((idx, None, n, L, None))
                 continue
-            if members is not None:  # live index -> index within the group
-                local = torch.empty(n_live, dtype=torch.long, device=sid.device)
-                local[members] = torch.arange(n, device=sid.device)
-                gsid = local[gsid]
-            bias = torch.zeros(n, 1, 1, L, dtype=self.cls_token.dtype, device=sid.device)
-            bias.masked_fill_(
-                torch.arange(L, device=sid.device)[None, None, None] >= c[:, None, None, None], -math.inf
-            )
-            groups.append((idx, gsid, gpos, n, L, bias))
+            starts = c.cumsum(0) - c
+            flat = gsid * L + torch.arange(gsid.numel(), device=dev) - starts.index_select(0, gsid)
+            bias = torch.zeros(n, 1, 1, L, dtype=self.cls_token.dtype, device=dev)
+            bias.masked_fill_(torch.arange(L, device=dev) >= c[:, None, None, None], -math.inf)
+            groups.append((idx, flat, n, L, bias))
         return groups
 
     def _packed_block(self, blk, xp: torch.Tensor, groups: list[tuple]) -> torch.Tensor:
@@ -199,20 +199,20 @@ class HaltingViT(ViT):
         D, H = xp.shape[-1], blk.attn.heads
         qkv = blk.attn.qkv(blk.norm1(xp))  # (T, 3D) on active tokens only
         o = None if groups[0][0] is None else xp.new_empty(xp.shape)
-        for idx, gsid, gpos, n, L, bias in groups:
-            part = qkv if idx is None else qkv[idx]
-            if gsid is None:
+        for idx, flat, n, L, bias in groups:
+            part = qkv if idx is None else qkv.index_select(0, idx)
+            if flat is None:
                 grid = part.view(n, L, 3 * D)
             else:
-                grid = part.new_zeros(n, L, 3 * D)
-                grid[gsid, gpos] = part
+                grid = part.new_zeros(n * L, 3 * D).index_copy_(0, flat, part).view(n, L, 3 * D)
             q, k, v = grid.view(n, L, 3, H, D // H).permute(2, 0, 3, 1, 4)  # each (n, H, L, d)
-            og = attention_core(q, k, v, bias).transpose(1, 2).reshape(n, L, D)
-            og = og.reshape(-1, D) if gsid is None else og[gsid, gpos]  # back to packed
+            og = attention_core(q, k, v, bias).transpose(1, 2).reshape(n * L, D)
+            if flat is not None:
+                og = og.index_select(0, flat)  # back to packed
             if idx is None:
                 o = og
             else:
-                o[idx] = og
+                o.index_copy_(0, idx, og)
         xp = xp + blk.attn.proj(o)
         return xp + blk.mlp(blk.norm2(xp))
 
@@ -224,50 +224,46 @@ class HaltingViT(ViT):
         B, T, D = t.shape
         dev = x.device
         xp = t.reshape(B * T, D)
-        sample = torch.arange(B, device=dev).repeat_interleave(T)  # input row of each packed token
-        tok = torch.arange(T, device=dev).repeat(B)  # token index within its image (0 = class)
+        origin = torch.arange(B * T, device=dev)  # sample * T + token of each packed token
+        sid = torch.arange(B, device=dev).repeat_interleave(T)  # its live index (live: samples still running)
+        live = torch.arange(B, device=dev)
+        counts = torch.full((B,), T, dtype=torch.long, device=dev)
         cum, rem = xp.new_zeros(B * T), xp.new_ones(B * T)
-        depth = torch.zeros(B, T, dtype=torch.long, device=dev)
+        depth = torch.zeros(B * T, dtype=torch.long, device=dev)
         out_cls = xp.new_zeros(B, D)
         table = self._block_cost_table().to(dev)
         flops = torch.full((B,), float(self.embed_cost() + self.head_cost()), dtype=torch.float64, device=dev)
-        live = torch.arange(B, device=dev)  # samples still running, ascending
-        lut = torch.empty(B, dtype=torch.long, device=dev)
-        changed = True  # did the last block halt any token? (else its layout is still valid)
+        changed = True  # did the last block halt any token? (else the layout is still valid)
         for i, blk in enumerate(self.blocks):
-            # 1. per-sample layout of the packed tokens: live index, count, position
-            if changed:
-                lut[live] = torch.arange(live.numel(), device=dev)
-                sid = lut[sample]
-                counts = torch.bincount(sid, minlength=live.numel())
-                starts = counts.cumsum(0) - counts
-                pos = torch.arange(sid.numel(), device=dev) - starts[sid]
+            if changed:  # the layout of the packed tokens: class-token rows, attention groups, costs
+                starts = counts.cumsum(0) - counts  # each live sample's first row: its class token
+                groups = self._attention_groups(sid, counts)
                 block_flops = table[counts]
-                groups = self._attention_groups(sid, pos, counts)
-            flops[live] += block_flops
-            depth[sample, tok] += 1
-            # 2. the block on active tokens only
+            flops.index_add_(0, live, block_flops)
             xp = self._packed_block(blk, xp, groups)
-            # 3. halting: ACT weight for the class token, who stops, whole samples that stop
+            # halting: ACT weight for the class token, which tokens stop, which samples are done
             h = self.halting_score(xp, i)
             halt = cum + h >= threshold
-            is_cls = tok == 0
-            w = torch.where(halt, rem, h)
-            out_cls.index_add_(0, sample[is_cls], w[is_cls, None] * xp[is_cls])
-            done = torch.zeros(B, dtype=torch.bool, device=dev)
-            done[sample[is_cls & halt]] = True
-            keep = ~(halt | done[sample])
+            w = torch.where(halt, rem, h).index_select(0, starts)
+            out_cls.index_add_(0, live, w[:, None] * xp.index_select(0, starts))
+            done = halt.index_select(0, starts)  # (n_live,): the class token halted
+            keep = ~(halt | done.index_select(0, sid))
             changed = not bool(keep.all())
             if not changed:  # nobody halted (the early blocks): no compaction, the same layout
                 cum, rem = cum + h, rem - h
                 continue
-            if not bool(keep.any()):
+            kept = keep.nonzero().squeeze(1)
+            depth.index_fill_(0, origin[~keep], i + 1)  # the tokens that stop here ran i + 1 blocks
+            if kept.numel() == 0:
                 break
-            xp, sample, tok = xp[keep], sample[keep], tok[keep]
-            cum, rem = (cum + h)[keep], (rem - h)[keep]
-            live = live[~done[live]]
+            xp, origin = xp.index_select(0, kept), origin.index_select(0, kept)
+            cum, rem = (cum + h).index_select(0, kept), (rem - h).index_select(0, kept)
+            still = ~done
+            sid = (still.long().cumsum(0) - 1).index_select(0, sid.index_select(0, kept))
+            live = live[still]
+            counts = torch.bincount(sid, minlength=live.numel())
         logits = self.forward_head(self.norm(out_cls[:, None]))
-        return logits, depth, flops
+        return logits, depth.view(B, T), flops
 
     def forward_single(
         self, x: torch.Tensor, threshold: float

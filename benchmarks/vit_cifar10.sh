@@ -18,6 +18,10 @@
 #   --tome-r 8,10,12 --dvit-prune-after 0,2,4 --json benchmarks/results/vit_cifar10_long_ft4_early.json
 # and again from the cache with the A-ViT threshold knob (~10 min): the same flags plus
 #   --halting-thresholds 0.99,0.9,0.8,0.7 --json benchmarks/results/vit_cifar10_long_ft4_early_halt.json
+# Session 18 (A-ViT recipes that halt earlier; each A-ViT ~18 min, the rest from the cache): the session-17
+# flags plus --keep-ratios 0.7,0.8,0.5 --halting-thresholds 0.99,0.9 and
+#   --halting-target-depth 3.5 --halting-distr-weight 1.0 --json benchmarks/results/vit_cifar10_long_ft4_early_avit35.json
+#   --halting-target-depth 3 --halting-distr-weight 1.0 --json benchmarks/results/vit_cifar10_long_ft4_early_avit30.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ " $* " == *" --json "* ]]; then

@@ -84,6 +84,23 @@ def test_threshold_knob(model, x):
             model(x, threshold=bad)
     with pytest.raises(ValueError, match="target_depth"):
         dynets.create_model("avit_tiny", **{**TINY, "target_depth": 9.0})
+    with pytest.raises(ValueError, match="distr_weight: expected a finite number >= 0, got -1"):
+        dynets.create_model("avit_tiny", **{**TINY, "distr_weight": -1})
+
+
+@pytest.mark.parametrize("threshold", [1e-4, 1.0])
+def test_extreme_thresholds_match_the_dense_reference(model, x, threshold):
+    """Every sample stopping after its first block (a tiny threshold), or running nearly every block
+    (1.0): the packed path still equals the dense reference."""
+    out = model(x, threshold=threshold)
+    with torch.no_grad():
+        ref = model.forward_dense(x, threshold)
+    assert torch.equal(out.decisions["depth"], ref["depth"])
+    torch.testing.assert_close(out.logits, ref["logits"], atol=1e-5, rtol=1e-4)
+    if threshold < 0.01:
+        assert bool((out.decisions["depth"] == 1).all())
+        expect = model.embed_cost() + model.head_cost() + model.block_cost(model.num_patches + 1)
+        assert bool((out.flops == expect).all())
 
 
 def test_training_losses(model, x):
@@ -123,7 +140,14 @@ def test_attention_buckets_change_nothing(model, x, bucket):
     groups_seen = []
     orig = model._attention_groups
     model.attn_bucket = bucket
-    model._attention_groups = lambda *a: groups_seen.append(orig(*a)) or groups_seen[-1]
+    seen_counts = []
+
+    def record(sid, counts):
+        seen_counts.append(counts.clone())
+        groups_seen.append(orig(sid, counts))
+        return groups_seen[-1]
+
+    model._attention_groups = record
     try:
         out = model(x)
     finally:
@@ -135,9 +159,11 @@ def test_attention_buckets_change_nothing(model, x, bucket):
         assert n_groups > 1, "the test needs live samples with different active counts"
     if bucket == 1000:
         assert n_groups == 1
-    for groups in groups_seen:  # each sample is padded by less than one bucket
-        assert sum(g[2] for g in groups) > 0
-        for _, _, n, L, bias in groups:
-            if bias is not None:
-                counts = (bias[:, 0, 0] == 0).sum(-1)
-                assert bool((L - counts < bucket).all())
+    for counts, groups in zip(seen_counts, groups_seen):
+        assert sum(g[2] for g in groups) == counts.numel(), "every live sample is in one group"
+        grouped = []
+        for _, _, n, L, bias in groups:  # each sample is padded by less than one bucket
+            c = torch.full((n,), L) if bias is None else (bias[:, 0, 0] == 0).sum(-1)
+            assert bool((L - c < bucket).all())
+            grouped.append(c)
+        assert sorted(torch.cat(grouped).tolist()) == sorted(counts.tolist())

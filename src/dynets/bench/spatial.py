@@ -345,7 +345,7 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
     # control: the same gathering with untrained keep predictors (a near-random keep rule), to
     # show what the trained predictors add over merely dropping that many tokens
     torch.manual_seed(cfg.seed)
-    untrained = DynamicViT.from_static(static).eval()
+    untrained = DynamicViT.from_static(static, prune_after=cfg.dvit_prune_after).eval()  # the same stages
     control = {
         f"untrained_predictors_{rho}": _evaluate(lambda x, r=rho: untrained(x, keep_ratio=r), test_set)[
             "accuracy"

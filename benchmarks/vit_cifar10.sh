@@ -22,6 +22,8 @@
 # flags plus --keep-ratios 0.7,0.8,0.5 --halting-thresholds 0.99,0.9 and
 #   --halting-target-depth 3.5 --halting-distr-weight 1.0 --json benchmarks/results/vit_cifar10_long_ft4_early_avit35.json
 #   --halting-target-depth 3 --halting-distr-weight 1.0 --json benchmarks/results/vit_cifar10_long_ft4_early_avit30.json
+# and DynamicViT with keep stages after blocks 1, 2, 4 (~24 min to train): the prior-3.5 command with
+#   --dvit-prune-after 1,2,4 (not 0,2,4) --keep-ratios 0.7,0.75,0.8 --json benchmarks/results/vit_cifar10_long_ft4_mid.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ " $* " == *" --json "* ]]; then

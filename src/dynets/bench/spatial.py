@@ -96,8 +96,6 @@ class SpatialBenchConfig:
         for r in self.tome_r:
             check_r(r)
         check_token_multiple(self.token_multiple)
-        depth = self.vit_kw.get("depth", DynamicViTConfig.depth)
-        self.dvit_prune_after = check_prune_after(self.dvit_prune_after, depth, "dvit_prune_after")
         self.halting_thresholds = tuple(check_threshold(t) for t in self.halting_thresholds)
         if not self.keep_ratios:
             raise ValueError("keep_ratios: expected at least one keep ratio in (0, 1], got none")
@@ -105,7 +103,6 @@ class SpatialBenchConfig:
         bad = sorted(set(self.halting_kw) - {f.name for f in fields(HaltingViTConfig)})
         if bad:
             raise ValueError(f"halting_kw: expected HaltingViTConfig fields, got unknown {bad}")
-        HaltingViTConfig(**{**self.vit_kw, **self.halting_kw})  # a bad value fails here, not after training
         if self.quick:
             self.train_limit = min(self.train_limit or 2000, 2000)
             self.val_limit = min(self.val_limit or 500, 500)
@@ -117,6 +114,10 @@ class SpatialBenchConfig:
             self.b1_samples = min(self.b1_samples, 40)
             self.b64_samples = min(self.b64_samples, 256)
             self.rounds = min(self.rounds, 3)
+        # checked against the ViT shape actually trained (after --quick has set it), before any training
+        depth = self.vit_kw.get("depth", DynamicViTConfig.depth)
+        self.dvit_prune_after = check_prune_after(self.dvit_prune_after, depth, "dvit_prune_after")
+        HaltingViTConfig(**{**self.vit_kw, **self.halting_kw})  # a bad recipe value fails here
 
 
 def _trained(path: Path, build: Callable[[], torch.nn.Module], data, tc: TrainConfig, seed: int, name: str):

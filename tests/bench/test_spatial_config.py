@@ -57,6 +57,8 @@ def test_bad_halting_thresholds_in_the_config_are_rejected_before_training():
         ("--halting-ponder-weight", "inf", "ponder_weight: expected a finite number >= 0, got inf"),
         ("--keep-ratios", "0.8,0", "keep_ratio: expected a number in (0, 1], got 0.0"),
         ("--keep-ratios", "0.8,most", "--keep-ratios: expected comma-separated numbers in (0, 1]"),
+        ("--halting-epochs", "0", "halting_epochs: expected an int >= 1, got 0"),
+        ("--finetune-epochs", "-2", "finetune_epochs: expected an int >= 1, got -2"),
     ],
 )
 def test_the_cli_rejects_bad_halting_recipes_and_keep_ratios_before_training(capsys, flag, value, message):
@@ -68,9 +70,14 @@ def test_the_cli_rejects_bad_halting_recipes_and_keep_ratios_before_training(cap
 def test_halting_recipe_flags_reach_the_config(monkeypatch):
     seen = {}
     monkeypatch.setattr(spatial, "run", lambda cfg, **kw: seen.setdefault("cfg", cfg) and {})
-    spatial.main(["--halting-target-depth", "3.5", "--halting-distr-weight", "1", "--keep-ratios", "0.8,0.7"])
+    spatial.main(
+        ["--halting-target-depth", "3.5", "--halting-distr-weight", "1", "--keep-ratios", "0.8,0.7"]
+        + ["--halting-epochs", "8"]
+    )
     cfg = seen["cfg"]
     assert cfg.halting_kw == {"target_depth": 3.5, "distr_weight": 1.0}
+    assert (cfg.halting_epochs, cfg.finetune_epochs) == (8, 1)
+    assert SpatialBenchConfig().halting_epochs is None  # A-ViT follows --finetune-epochs
     assert cfg.keep_ratios == (0.8, 0.7)
     assert SpatialBenchConfig().halting_kw == {}  # the default recipe keeps the cached models' keys
 
@@ -80,3 +87,34 @@ def test_unknown_halting_settings_are_named():
         ValueError, match=r"halting_kw: expected HaltingViTConfig fields, got unknown \['depthh'\]"
     ):
         SpatialBenchConfig(halting_kw={"depthh": 3})
+
+
+def test_the_static_finetune_control_is_on_by_default_and_can_be_turned_off(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(spatial, "run", lambda cfg, **kw: seen.setdefault("cfg", cfg) and {})
+    assert SpatialBenchConfig().static_finetune
+    spatial.main(["--no-static-finetune"])
+    assert seen["cfg"].static_finetune is False
+
+
+def _vit_result(control: bool) -> dict:
+    static = {"accuracy": 0.6727, "mean_flops": 116e6}
+    row = {"family": "halting (A-ViT)", "setting": 0.99, "accuracy": 0.6696, "flops_ratio": 0.675}
+    row.update(speedup_b1=0.9, speedup_b64=1.2, accuracy_drop=static["accuracy"] - row["accuracy"])
+    if control:
+        static.update(finetuned_accuracy=0.6801, finetune={"epochs": 4, "lr": 3e-4, "distill_weight": 0.5})
+        row["accuracy_drop_vs_finetuned"] = 0.6801 - row["accuracy"]
+    vit = {"static": static, "methods": {"halting_0.99": row}, "control_accuracy": {}, "model": {}}
+    return {"data": "cifar10", "quick": False, "threads": 2, "seconds": 1.0, "torch": "x", "vit": vit}
+
+
+def test_the_report_gives_the_drop_against_the_finetuned_static_where_the_control_ran():
+    md = spatial._markdown(_vit_result(True))
+    assert "given the dynamic models' extra training (4 epoch(s) at lr 0.0003" in md
+    assert "**68.01%**" in md
+    header = next(line for line in md.splitlines() if line.startswith("| method"))
+    assert header.endswith("| drop vs fine-tuned static |")
+    row = next(line for line in md.splitlines() if line.startswith("| halting"))
+    assert row.endswith("| 0.31 | 0.675 | 0.90x | 1.20x | 1.05 |")  # 67.27 - 66.96, 68.01 - 66.96
+    md = spatial._markdown(_vit_result(False))
+    assert "Control: the same static ViT" not in md and "fine-tuned static" not in md

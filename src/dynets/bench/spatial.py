@@ -4,7 +4,9 @@ ViT part (CIFAR-10, 2 threads): a static ViT is trained; DynamicViT (keep predic
 from it) and A-ViT halting are fine-tuned from it for a short schedule; ToMe merging uses it as
 is. For every method and setting: test accuracy, its drop against the static ViT, mean FLOPs,
 and images/s against the static ViT at batch 1 and 64 (`compare_wallclock`: one process,
-alternating passes, medians).
+alternating passes, medians). The control (on by default): the static ViT given the same extra
+fine-tune as the dynamic models, so that their extra epochs are not read as a dynamic gain; each
+row's `accuracy_drop_vs_finetuned` is against it, and so is the headline `static_acc`.
 
 Glance part: the static ResNet of `dynets.models.resnet` and `glance_focus` trained with the same
 schedule; accuracy vs mean FLOPs over confidence thresholds, an operating point calibrated on
@@ -70,6 +72,11 @@ class SpatialBenchConfig:
     # spaces the stages like DynamicViT's 3/6/9 of 12 blocks (37% fewer at 0.7, as in the paper)
     dvit_prune_after: tuple[int, ...] = DynamicViTConfig.prune_after
     halting_lr: float = 3e-4  # A-ViT: the halting channel has to move within one epoch
+    halting_epochs: int | None = None  # A-ViT's fine-tuning epochs (None: finetune_epochs)
+    # the fair control: the static ViT given the same extra training as the fine-tuned dynamic models
+    # (finetune_epochs at halting_lr, distilled from itself as A-ViT is); the headline static_acc is
+    # its accuracy (static_acc_before_finetune the 10-epoch model's)
+    static_finetune: bool = True
     keep_ratios: tuple[float, ...] = (0.7, 0.5)
     # DynamicViT and ToMe rows again with sequence lengths rounded to multiples of this (the same
     # models; 1 = no extra rows): see DynamicViTConfig.token_multiple and merging.merge_schedule
@@ -100,6 +107,10 @@ class SpatialBenchConfig:
         if not self.keep_ratios:
             raise ValueError("keep_ratios: expected at least one keep ratio in (0, 1], got none")
         self.keep_ratios = tuple(check_keep_ratio(r) for r in self.keep_ratios)
+        for name in ("vit_epochs", "finetune_epochs", "halting_epochs", "cnn_epochs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
         bad = sorted(set(self.halting_kw) - {f.name for f in fields(HaltingViTConfig)})
         if bad:
             raise ValueError(f"halting_kw: expected HaltingViTConfig fields, got unknown {bad}")
@@ -120,7 +131,15 @@ class SpatialBenchConfig:
         HaltingViTConfig(**{**self.vit_kw, **self.halting_kw})  # a bad recipe value fails here
 
 
-def _trained(path: Path, build: Callable[[], torch.nn.Module], data, tc: TrainConfig, seed: int, name: str):
+def _trained(
+    path: Path,
+    build: Callable[[], torch.nn.Module],
+    data,
+    tc: TrainConfig,
+    seed: int,
+    name: str,
+    teacher: torch.nn.Module | None = None,
+):
     """Train the model `build()` makes (or reuse the copy an identical earlier run cached at `path`)."""
     if (path / "config.json").exists():
         _log(f"reusing trained {name} from {path}")
@@ -129,7 +148,7 @@ def _trained(path: Path, build: Callable[[], torch.nn.Module], data, tc: TrainCo
     model = build()
     _log(f"training {name} for {tc.epochs} epoch(s) on {len(data)} images")
     start = time.time()
-    train(model, data, tc)
+    train(model, data, tc, teacher=teacher)
     _log(f"trained {name} in {time.time() - start:.0f} s")
     model.eval()
     save(model, path)
@@ -190,8 +209,11 @@ def run(
     if "vit" in cfg.parts:
         result["vit"] = _vit_part(**ctx)
         head = result["vit"]["methods"][f"dynamicvit_{cfg.keep_ratios[0]}"]
+        s = result["vit"]["static"]
         result.update(
-            static_acc=result["vit"]["static"]["accuracy"],
+            # the fair control where it ran (the static ViT given the same extra training)
+            static_acc=s.get("finetuned_accuracy", s["accuracy"]),
+            static_acc_before_finetune=s["accuracy"],
             dynamic_acc=head["accuracy"],
             speedup_b1=head["speedup_b1"],
             speedup_b64=head["speedup_b64"],
@@ -269,11 +291,14 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
         cfg.seed,
         "DynamicViT",
     )
+    # a separate A-ViT schedule (only when it differs, so models cached before the option are reused)
+    h_epochs = cfg.halting_epochs or cfg.finetune_epochs
+    h_extra = [["halting_epochs", h_epochs]] if h_epochs != cfg.finetune_epochs else []
     avit = _trained(
-        cache / f"{name}-avit-{_key(ft_key + [cfg.halting_kw, cfg.halting_lr])}",
+        cache / f"{name}-avit-{_key(ft_key + [cfg.halting_kw, cfg.halting_lr] + h_extra)}",
         build_avit,
         train_set,
-        TrainConfig(**ft, lr=cfg.halting_lr),
+        TrainConfig(**{**ft, "epochs": h_epochs, "warmup_epochs": 0.1 * h_epochs}, lr=cfg.halting_lr),
         cfg.seed,
         "A-ViT halting",
     )
@@ -281,6 +306,33 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
     full = static.full_cost()
     static_row = {**_evaluate(static, test_set), "mean_flops": full}
     _log(f"static ViT: accuracy {static_row['accuracy']:.4f}, {full / 1e6:.1f} MFLOPs")
+    if cfg.static_finetune:
+        # A-ViT's loss is CE + distill_weight * KL(teacher || student) at temperature 1; the loop's kd
+        # form (1 - kd) CE + kd KL with kd = w / (1 + w) is the same objective times 1 / (1 + w), which
+        # AdamW's update does not see (up to eps and the gradient clip)
+        w = HaltingViTConfig(**{**cfg.vit_kw, **cfg.halting_kw}).distill_weight
+
+        def build_static_ft():
+            m = create_model("vit_tiny", **kw)
+            m.load_state_dict(static.state_dict())
+            return m.train()
+
+        kd = dict(kd=w / (1 + w), temperature=1.0) if w else {}
+        static_ft = _trained(
+            cache / f"{name}-vitft-{_key(ft_key + [cfg.halting_lr, kd])}",
+            build_static_ft,
+            train_set,
+            TrainConfig(**ft, lr=cfg.halting_lr, **kd),
+            cfg.seed,
+            "static ViT fine-tuned like the dynamic models (control)",
+            teacher=static if w else None,
+        ).eval()
+        ft_acc = _evaluate(static_ft, test_set)["accuracy"]
+        static_row.update(
+            finetuned_accuracy=ft_acc,
+            finetune={"epochs": cfg.finetune_epochs, "lr": cfg.halting_lr, "distill_weight": w},
+        )
+        _log(f"static ViT fine-tuned {cfg.finetune_epochs} more epoch(s) (control): accuracy {ft_acc:.4f}")
     tm = tome(static, 0).eval()
     methods: dict[str, tuple[Callable, str, object]] = {}
     for rho in cfg.keep_ratios:
@@ -315,6 +367,11 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
             "setting": setting,
             **ev,
             "accuracy_drop": static_row["accuracy"] - ev["accuracy"],
+            **(
+                {"accuracy_drop_vs_finetuned": static_row["finetuned_accuracy"] - ev["accuracy"]}
+                if "finetuned_accuracy" in static_row
+                else {}
+            ),
             "flops_ratio": ev["mean_flops"] / full,
             "speedup_b1": wc["b1"]["speedup"],
             "speedup_b64": wc["b64"]["speedup"],
@@ -368,6 +425,9 @@ def _plot_vit(static_row: dict, rows: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, b in zip(axes, ("b1", "b64")):
         ax.axhline(100 * static_row["accuracy"], color="gold", ls="--", label="static ViT")
+        if "finetuned_accuracy" in static_row:
+            acc = 100 * static_row["finetuned_accuracy"]
+            ax.axhline(acc, color="orange", ls=":", label="static ViT, fine-tuned too")
         for key, r in rows.items():
             ax.scatter(r[f"speedup_{b}"], 100 * r["accuracy"], label=key)
         ax.axvline(1.0, color="grey", lw=0.5)
@@ -486,9 +546,12 @@ def _training_line(c: dict) -> str:
         f", halting-depth prior centred on block {hk['target_depth']:g} with weight {hk['distr_weight']:g}, "
         f"ponder weight {hk['ponder_weight']:g}"
     )
+    he = c.get("halting_epochs")
+    h_epochs = f" and {he}" if he and he != c["finetune_epochs"] else ""
     return (
         f"Training: the static ViT {c['vit_epochs']} epochs on {n} (lr {c['vit_lr']}); DynamicViT "
-        f"and A-ViT fine-tuned from it for {c['finetune_epochs']} epoch(s) (DynamicViT lr {c['dvit_lr']}, "
+        f"and A-ViT fine-tuned from it for {c['finetune_epochs']}{h_epochs} epoch(s) "
+        f"(DynamicViT lr {c['dvit_lr']}, "
         f"its keep predictors x{c.get('dvit_predictor_lr_scale', 1.0):g} after blocks "
         f"{', '.join(map(str, c.get('dvit_prune_after', (1, 3, 4))))} (0-based); "
         f"A-ViT lr {c['halting_lr']}{recipe}); ToMe untrained. Speed-ups: images/s vs the static ViT in the "
@@ -500,6 +563,7 @@ def _markdown(r: dict) -> str:
     lines = [f"# Spatial dynamic networks on {r['data']} ({'quick' if r['quick'] else 'full'} run)", ""]
     if "vit" in r:
         s = r["vit"]["static"]
+        ft = "finetuned_accuracy" in s
         lines += [
             f"Static ViT ({r['vit']['model']}): accuracy {100 * s['accuracy']:.2f}%, "
             f"{s['mean_flops'] / 1e6:.1f} MFLOPs per image. {r['threads']} CPU threads"
@@ -507,14 +571,27 @@ def _markdown(r: dict) -> str:
             "",
             _training_line(r.get("config", {})),
             "",
-            "| method | setting | accuracy | drop (points) | FLOPs vs static | speed-up b1 | speed-up b64 |",
-            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        if ft:
+            f = s["finetune"]
+            lines += [
+                "Control: the same static ViT given the dynamic models' extra training "
+                f"({f['epochs']} epoch(s) at lr {f['lr']:g}, distilled from itself with weight "
+                f"{f['distill_weight']:g}, as A-ViT is): "
+                f"**{100 * s['finetuned_accuracy']:.2f}%**. The last drop column is against it.",
+                "",
+            ]
+        lines += [
+            "| method | setting | accuracy | drop (points) | FLOPs vs static | speed-up b1 | speed-up b64 |"
+            + (" drop vs fine-tuned static |" if ft else ""),
+            "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if ft else ""),
         ]
         for m in r["vit"]["methods"].values():
             lines.append(
                 f"| {m['family']} | {m['setting']} | {100 * m['accuracy']:.2f}% "
                 f"| {100 * m['accuracy_drop']:.2f} | {m['flops_ratio']:.3f} "
                 f"| {m['speedup_b1']:.2f}x | {m['speedup_b64']:.2f}x |"
+                + (f" {100 * m['accuracy_drop_vs_finetuned']:.2f} |" if ft else "")
             )
         lines += [
             "",
@@ -563,7 +640,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="train and test on at most N images")
     p.add_argument("--vit-epochs", type=int, default=None)
     p.add_argument("--finetune-epochs", type=int, default=None)
+    p.add_argument(
+        "--halting-epochs",
+        type=int,
+        default=None,
+        help="A-ViT's fine-tuning epochs (default: --finetune-epochs); part of the A-ViT cache key",
+    )
     p.add_argument("--cnn-epochs", type=int, default=None)
+    p.add_argument(
+        "--no-static-finetune",
+        action="store_true",
+        help="skip the control that gives the static ViT the dynamic models' extra fine-tune",
+    )
     p.add_argument(
         "--train-limit", type=int, default=None, help="train on at most N images (0: all; default 25,000)"
     )
@@ -611,10 +699,13 @@ def main(argv: list[str] | None = None) -> int:
     def given(*names: str, prefix: str = "") -> dict:  # the options set on the command line
         return {n: getattr(a, prefix + n) for n in names if getattr(a, prefix + n) is not None}
 
-    extra = given("vit_epochs", "finetune_epochs", "cnn_epochs", "dvit_predictor_lr_scale", "token_multiple")
+    epochs = ("vit_epochs", "finetune_epochs", "halting_epochs", "cnn_epochs")
+    extra = given(*epochs, "dvit_predictor_lr_scale", "token_multiple")
     halting_kw = given("target_depth", "distr_weight", "ponder_weight", prefix="halting_")
     if halting_kw:
         extra["halting_kw"] = halting_kw
+    if a.no_static_finetune:
+        extra["static_finetune"] = False
     if a.limit:
         extra.update(train_limit=a.limit, test_limit=a.limit, val_limit=a.limit)
     if a.train_limit is not None:

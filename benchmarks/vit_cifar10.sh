@@ -24,6 +24,11 @@
 #   --halting-target-depth 3 --halting-distr-weight 1.0 --json benchmarks/results/vit_cifar10_long_ft4_early_avit30.json
 # and DynamicViT with keep stages after blocks 1, 2, 4 (~24 min to train): the prior-3.5 command with
 #   --dvit-prune-after 1,2,4 (not 0,2,4) --keep-ratios 0.7,0.75,0.8 --json benchmarks/results/vit_cifar10_long_ft4_mid.json
+# Session 19 (the control: the static ViT given the same 4-epoch fine-tune, now on by default, ~20 min once;
+# ToMe then merges on its weights): the stage-1/2/4 command above
+#   --json benchmarks/results/vit_cifar10_long_ft4_mid_ctrl.json
+# and DynamicViT fine-tuned at the control's lr (~24 min to train): that command plus
+#   --dvit-lr 3e-4 --dvit-predictor-lr-scale 3 --json benchmarks/results/vit_cifar10_long_ft4_mid_ctrl_dlr3.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ " $* " == *" --json "* ]]; then

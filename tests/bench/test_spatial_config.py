@@ -59,6 +59,8 @@ def test_bad_halting_thresholds_in_the_config_are_rejected_before_training():
         ("--keep-ratios", "0.8,most", "--keep-ratios: expected comma-separated numbers in (0, 1]"),
         ("--halting-epochs", "0", "halting_epochs: expected an int >= 1, got 0"),
         ("--finetune-epochs", "-2", "finetune_epochs: expected an int >= 1, got -2"),
+        ("--dvit-lr", "0", "dvit_lr: expected a finite number > 0, got 0.0"),
+        ("--dvit-predictor-lr-scale", "nan", "dvit_predictor_lr_scale: expected a finite number > 0, got"),
     ],
 )
 def test_the_cli_rejects_bad_halting_recipes_and_keep_ratios_before_training(capsys, flag, value, message):
@@ -116,5 +118,9 @@ def test_the_report_gives_the_drop_against_the_finetuned_static_where_the_contro
     assert header.endswith("| drop vs fine-tuned static |")
     row = next(line for line in md.splitlines() if line.startswith("| halting"))
     assert row.endswith("| 0.31 | 0.675 | 0.90x | 1.20x | 1.05 |")  # 67.27 - 66.96, 68.01 - 66.96
+    r = _vit_result(True)
+    r["vit"]["methods"]["halting_0.99"]["base"] = "finetuned_static"  # as ToMe's rows on the control
+    row = next(line for line in spatial._markdown(r).splitlines() if line.startswith("| halting"))
+    assert row.endswith("| - | 0.675 | 0.90x | 1.20x | 1.05 |")
     md = spatial._markdown(_vit_result(False))
     assert "Control: the same static ViT" not in md and "fine-tuned static" not in md

@@ -6,7 +6,8 @@ is. For every method and setting: test accuracy, its drop against the static ViT
 and images/s against the static ViT at batch 1 and 64 (`compare_wallclock`: one process,
 alternating passes, medians). The control (on by default): the static ViT given the same extra
 fine-tune as the dynamic models, so that their extra epochs are not read as a dynamic gain; each
-row's `accuracy_drop_vs_finetuned` is against it, and so is the headline `static_acc`.
+row's `accuracy_drop_vs_finetuned` is against it, and so is the headline `static_acc`. ToMe, which
+needs no training, then merges on the control's weights.
 
 Glance part: the static ResNet of `dynets.models.resnet` and `glance_focus` trained with the same
 schedule; accuracy vs mean FLOPs over confidence thresholds, an operating point calibrated on
@@ -74,8 +75,8 @@ class SpatialBenchConfig:
     halting_lr: float = 3e-4  # A-ViT: the halting channel has to move within one epoch
     halting_epochs: int | None = None  # A-ViT's fine-tuning epochs (None: finetune_epochs)
     # the fair control: the static ViT given the same extra training as the fine-tuned dynamic models
-    # (finetune_epochs at halting_lr, distilled from itself as A-ViT is); the headline static_acc is
-    # its accuracy (static_acc_before_finetune the 10-epoch model's)
+    # (the longer of finetune_epochs and halting_epochs, at halting_lr, distilled from itself as A-ViT
+    # is); the headline static_acc is its accuracy (static_acc_before_finetune the 10-epoch model's)
     static_finetune: bool = True
     keep_ratios: tuple[float, ...] = (0.7, 0.5)
     # DynamicViT and ToMe rows again with sequence lengths rounded to multiples of this (the same
@@ -111,6 +112,10 @@ class SpatialBenchConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        for name in ("vit_lr", "dvit_lr", "halting_lr", "cnn_lr", "dvit_predictor_lr_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                raise ValueError(f"{name}: expected a finite number > 0, got {v!r}")
         bad = sorted(set(self.halting_kw) - {f.name for f in fields(HaltingViTConfig)})
         if bad:
             raise ValueError(f"halting_kw: expected HaltingViTConfig fields, got unknown {bad}")
@@ -318,11 +323,15 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
             return m.train()
 
         kd = dict(kd=w / (1 + w), temperature=1.0) if w else {}
+        # as long as the longest dynamic fine-tune (A-ViT's may be longer: --halting-epochs)
+        c_epochs = max(cfg.finetune_epochs, h_epochs)
+        c_extra = [["epochs", c_epochs]] if c_epochs != cfg.finetune_epochs else []
+        c_ft = {**ft, "epochs": c_epochs, "warmup_epochs": 0.1 * c_epochs}
         static_ft = _trained(
-            cache / f"{name}-vitft-{_key(ft_key + [cfg.halting_lr, kd])}",
+            cache / f"{name}-vitft-{_key(ft_key + [cfg.halting_lr, kd] + c_extra)}",
             build_static_ft,
             train_set,
-            TrainConfig(**ft, lr=cfg.halting_lr, **kd),
+            TrainConfig(**c_ft, lr=cfg.halting_lr, **kd),
             cfg.seed,
             "static ViT fine-tuned like the dynamic models (control)",
             teacher=static if w else None,
@@ -330,10 +339,15 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
         ft_acc = _evaluate(static_ft, test_set)["accuracy"]
         static_row.update(
             finetuned_accuracy=ft_acc,
-            finetune={"epochs": cfg.finetune_epochs, "lr": cfg.halting_lr, "distill_weight": w},
+            finetune={"epochs": c_epochs, "lr": cfg.halting_lr, "distill_weight": w},
         )
-        _log(f"static ViT fine-tuned {cfg.finetune_epochs} more epoch(s) (control): accuracy {ft_acc:.4f}")
-    tm = tome(static, 0).eval()
+        _log(f"static ViT fine-tuned {c_epochs} more epoch(s) (control): accuracy {ft_acc:.4f}")
+    else:
+        static_ft = None
+    # ToMe needs no training, so it merges on the best static ViT there is: the control where it ran,
+    # so that its drop against that control is like for like (the same weights, fewer tokens)
+    tm = tome(static if static_ft is None else static_ft, 0).eval()
+    on = "" if static_ft is None else ", on the fine-tuned static ViT"
     methods: dict[str, tuple[Callable, str, object]] = {}
     for rho in cfg.keep_ratios:
         methods[f"dynamicvit_{rho}"] = (
@@ -350,11 +364,11 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
     for thr in cfg.halting_thresholds:
         methods[f"halting_{thr}"] = (lambda x, t=thr: avit(x, threshold=t), "halting (A-ViT)", thr)
     for r in cfg.tome_r:
-        methods[f"tome_r{r}"] = (lambda x, r=r: tm(x, r=r), "merging (ToMe, no training)", r)
+        methods[f"tome_r{r}"] = (lambda x, r=r: tm(x, r=r), f"merging (ToMe, no training{on})", r)
         if cfg.token_multiple > 1:
             methods[f"tome_r{r}_m{cfg.token_multiple}"] = (
                 lambda x, r=r: tm(x, r=r, token_multiple=cfg.token_multiple),
-                f"merging (ToMe, no training), onto lengths that are multiples of {cfg.token_multiple}",
+                f"merging (ToMe, no training{on}), onto lengths that are multiples of {cfg.token_multiple}",
                 r,
             )
     rows = {}
@@ -365,6 +379,9 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
         rows[key] = {
             "family": family,
             "setting": setting,
+            # the weights it starts from: the 10-epoch static ViT (fine-tuned further where trained) or,
+            # for ToMe with the control on, the fine-tuned static ViT itself
+            "base": "finetuned_static" if key.startswith("tome") and static_ft is not None else "static",
             **ev,
             "accuracy_drop": static_row["accuracy"] - ev["accuracy"],
             **(
@@ -578,7 +595,8 @@ def _markdown(r: dict) -> str:
                 "Control: the same static ViT given the dynamic models' extra training "
                 f"({f['epochs']} epoch(s) at lr {f['lr']:g}, distilled from itself with weight "
                 f"{f['distill_weight']:g}, as A-ViT is): "
-                f"**{100 * s['finetuned_accuracy']:.2f}%**. The last drop column is against it.",
+                f"**{100 * s['finetuned_accuracy']:.2f}%**. The last drop column is against it (the first, "
+                "against the 10-epoch model, is '-' where a row runs on the fine-tuned weights: ToMe).",
                 "",
             ]
         lines += [
@@ -587,9 +605,11 @@ def _markdown(r: dict) -> str:
             "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if ft else ""),
         ]
         for m in r["vit"]["methods"].values():
+            # a drop against the 10-epoch model means nothing for a row on the fine-tuned weights
+            drop = "-" if m.get("base") == "finetuned_static" else f"{100 * m['accuracy_drop']:.2f}"
             lines.append(
                 f"| {m['family']} | {m['setting']} | {100 * m['accuracy']:.2f}% "
-                f"| {100 * m['accuracy_drop']:.2f} | {m['flops_ratio']:.3f} "
+                f"| {drop} | {m['flops_ratio']:.3f} "
                 f"| {m['speedup_b1']:.2f}x | {m['speedup_b64']:.2f}x |"
                 + (f" {100 * m['accuracy_drop_vs_finetuned']:.2f} |" if ft else "")
             )
@@ -655,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--train-limit", type=int, default=None, help="train on at most N images (0: all; default 25,000)"
     )
+    p.add_argument("--dvit-lr", type=float, default=None, help="DynamicViT's fine-tuning lr (default 1e-4)")
     p.add_argument(
         "--dvit-predictor-lr-scale",
         type=float,
@@ -700,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
         return {n: getattr(a, prefix + n) for n in names if getattr(a, prefix + n) is not None}
 
     epochs = ("vit_epochs", "finetune_epochs", "halting_epochs", "cnn_epochs")
-    extra = given(*epochs, "dvit_predictor_lr_scale", "token_multiple")
+    extra = given(*epochs, "dvit_lr", "dvit_predictor_lr_scale", "token_multiple")
     halting_kw = given("target_depth", "distr_weight", "ponder_weight", prefix="halting_")
     if halting_kw:
         extra["halting_kw"] = halting_kw

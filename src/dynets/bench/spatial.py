@@ -439,20 +439,24 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
 
 
 def _plot_vit(static_row: dict, rows: dict, path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    colors = plt.get_cmap("tab20").colors  # one colour per row (up to 20), one marker per family
+    markers = {"dynamicvit": "o", "halting": "s", "tome": "^"}
     for ax, b in zip(axes, ("b1", "b64")):
         ax.axhline(100 * static_row["accuracy"], color="gold", ls="--", label="static ViT")
         if "finetuned_accuracy" in static_row:
             acc = 100 * static_row["finetuned_accuracy"]
             ax.axhline(acc, color="orange", ls=":", label="static ViT, fine-tuned too")
-        for key, r in rows.items():
-            ax.scatter(r[f"speedup_{b}"], 100 * r["accuracy"], label=key)
+        for i, (key, r) in enumerate(rows.items()):
+            m = markers.get(key.split("_", 1)[0], "o")
+            ax.scatter(r[f"speedup_{b}"], 100 * r["accuracy"], label=key, color=colors[i % 20], marker=m)
         ax.axvline(1.0, color="grey", lw=0.5)
         ax.set_xlabel(f"images/s vs static, batch {b[1:]}")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle("ViT on 2 CPU threads: accuracy vs wall-clock speed-up", fontsize=9)
+    fig.tight_layout()
     return _save(fig, path)
 
 

@@ -30,6 +30,7 @@
 # and DynamicViT fine-tuned at the control's lr (~24 min to train): that command plus
 #   --dvit-lr 3e-4 --dvit-predictor-lr-scale 3 --json benchmarks/results/vit_cifar10_long_ft4_mid_ctrl_dlr3.json
 # and that again from the cache with --tome-r 10,11,8 --json benchmarks/results/vit_cifar10_long_ft4_mid_ctrl_dlr3_run2.json
+#   (and once more: ..._ctrl_dlr3_run3.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ " $* " == *" --json "* ]]; then

@@ -76,7 +76,7 @@ class SpatialBenchConfig:
     halting_epochs: int | None = None  # A-ViT's fine-tuning epochs (None: finetune_epochs)
     # the fair control: the static ViT given the same extra training as the fine-tuned dynamic models
     # (the longer of finetune_epochs and halting_epochs, at halting_lr, distilled from itself as A-ViT
-    # is); the headline static_acc is its accuracy (static_acc_before_finetune the 10-epoch model's)
+    # is); the headline static_acc is its accuracy (static_acc_before_finetune: before it)
     static_finetune: bool = True
     keep_ratios: tuple[float, ...] = (0.7, 0.5)
     # DynamicViT and ToMe rows again with sequence lengths rounded to multiples of this (the same
@@ -265,7 +265,11 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
         cfg.seed,
         "static vit_tiny",
     )
-    ft = dict(**tc, epochs=cfg.finetune_epochs, warmup_epochs=0.1 * cfg.finetune_epochs)
+
+    def ft_schedule(epochs: int) -> dict:  # every fine-tune (dynamic models and the control): 10% warmup
+        return dict(**tc, epochs=epochs, warmup_epochs=0.1 * epochs)
+
+    ft = ft_schedule(cfg.finetune_epochs)
     ft_key = base + [cfg.finetune_epochs]
 
     # (an lr scale of 1 adds nothing to the key, so models cached before the option are reused)
@@ -303,7 +307,7 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
         cache / f"{name}-avit-{_key(ft_key + [cfg.halting_kw, cfg.halting_lr] + h_extra)}",
         build_avit,
         train_set,
-        TrainConfig(**{**ft, "epochs": h_epochs, "warmup_epochs": 0.1 * h_epochs}, lr=cfg.halting_lr),
+        TrainConfig(**ft_schedule(h_epochs), lr=cfg.halting_lr),
         cfg.seed,
         "A-ViT halting",
     )
@@ -326,12 +330,11 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
         # as long as the longest dynamic fine-tune (A-ViT's may be longer: --halting-epochs)
         c_epochs = max(cfg.finetune_epochs, h_epochs)
         c_extra = [["epochs", c_epochs]] if c_epochs != cfg.finetune_epochs else []
-        c_ft = {**ft, "epochs": c_epochs, "warmup_epochs": 0.1 * c_epochs}
         static_ft = _trained(
             cache / f"{name}-vitft-{_key(ft_key + [cfg.halting_lr, kd] + c_extra)}",
             build_static_ft,
             train_set,
-            TrainConfig(**c_ft, lr=cfg.halting_lr, **kd),
+            TrainConfig(**ft_schedule(c_epochs), lr=cfg.halting_lr, **kd),
             cfg.seed,
             "static ViT fine-tuned like the dynamic models (control)",
             teacher=static if w else None,
@@ -379,7 +382,7 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
         rows[key] = {
             "family": family,
             "setting": setting,
-            # the weights it starts from: the 10-epoch static ViT (fine-tuned further where trained) or,
+            # the weights it starts from: the static ViT (fine-tuned further where trained) or,
             # for ToMe with the control on, the fine-tuned static ViT itself
             "base": "finetuned_static" if key.startswith("tome") and static_ft is not None else "static",
             **ev,
@@ -600,7 +603,8 @@ def _markdown(r: dict) -> str:
                 f"({f['epochs']} epoch(s) at lr {f['lr']:g}, distilled from itself with weight "
                 f"{f['distill_weight']:g}, as A-ViT is): "
                 f"**{100 * s['finetuned_accuracy']:.2f}%**. The last drop column is against it (the first, "
-                "against the 10-epoch model, is '-' where a row runs on the fine-tuned weights: ToMe).",
+                "against the static ViT before its fine-tune, is '-' where a row runs on the fine-tuned "
+                "weights: ToMe).",
                 "",
             ]
         lines += [
@@ -609,7 +613,7 @@ def _markdown(r: dict) -> str:
             "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if ft else ""),
         ]
         for m in r["vit"]["methods"].values():
-            # a drop against the 10-epoch model means nothing for a row on the fine-tuned weights
+            # a drop against the un-fine-tuned static ViT means nothing for a row on the fine-tuned weights
             drop = "-" if m.get("base") == "finetuned_static" else f"{100 * m['accuracy_drop']:.2f}"
             lines.append(
                 f"| {m['family']} | {m['setting']} | {100 * m['accuracy']:.2f}% "

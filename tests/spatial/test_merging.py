@@ -48,6 +48,24 @@ def test_merge_is_a_size_weighted_average():
         assert len(merged) == 3
 
 
+def test_many_sources_into_one_destination_and_gradients():
+    torch.manual_seed(4)
+    B, T, D = 2, 11, 6
+    x, size = torch.randn(B, T, D, requires_grad=True), torch.randint(1, 5, (B, T)).float()
+    metric = torch.randn(B, T, 3)
+    metric[:, 1::2] = -metric[:, ::2].mean(1, keepdim=True)  # every B token alike, far from the A tokens
+    metric[:, 3] = metric[:, ::2].mean(1)  # ... but token 3, which every A token picks
+    new_x, new_size, newpos = bipartite_merge(x, size, metric, 4)
+    for b in range(B):
+        members = (newpos[b] == newpos[b, 3]).nonzero().squeeze(1)
+        assert len(members) == 5  # token 3 and the four A tokens merged into it
+        w = size[b, members]
+        torch.testing.assert_close(new_x[b, newpos[b, 3]], (x[b, members] * w[:, None]).sum(0) / w.sum())
+    new_x.sum().backward()  # differentiable: each old token's gradient is its weight in its group
+    share = size / new_size.gather(1, newpos)
+    torch.testing.assert_close(x.grad, share[..., None].expand(B, T, D))
+
+
 def test_proportional_attention_counts_a_merged_duplicate_twice():
     torch.manual_seed(3)
     attn = Attention(8, 2)

@@ -18,6 +18,16 @@ def take_rows(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return h.index_select(0, idx)
 
 
+def take_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D), idx (B, k) token indices per sample -> (B, k, D), x[b, idx[b]].
+
+    One index_select of whole rows of the flattened tokens: on CPU a gather with the index
+    expanded over D walks every element and costs about twice as much."""
+    B, T, D = x.shape
+    flat = idx + T * torch.arange(B, device=idx.device)[:, None]
+    return x.reshape(B * T, D).index_select(0, flat.reshape(-1)).view(B, idx.shape[1], D)
+
+
 def all_finite(x: torch.Tensor) -> bool:
     """True if x has no NaN or inf. One reduction on the common path: NaN and inf propagate into
     the sum; only a non-finite sum (an overflow of finite values, or a real NaN/inf) pays for the

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
 from dynets.core.registry import register_model
 from dynets.core.serialization import register_architecture
+from dynets.core.tensors import take_tokens
 from dynets.models.vit import ViT, ViTConfig, check_token_multiple, nearest_multiple, vit_config
 
 
@@ -49,32 +50,39 @@ def bipartite_merge(
     B, T, D = x.shape
     metric = F.normalize(metric, dim=-1)  # cosine similarity (the scale of metric does not matter)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)  # (B, Ta, Tb)
-    Ta = scores.shape[1]
+    Ta, Tb = scores.shape[1:]
     node_max, node_idx = scores.max(-1)  # (B, Ta): best B partner of each A token
     node_max[:, 0] = float("-inf")  # the class token (A's first) is never merged
     edge_idx = node_max.argsort(-1, descending=True)
     unm_idx = edge_idx[:, r:].sort(-1).values  # (B, Ta - r) A tokens kept, in order (class first)
     src_idx = edge_idx[:, :r]  # (B, r) A tokens merged away
     dst_idx = node_idx.gather(1, src_idx)  # (B, r) their B partners
-    # Only the B tokens change: B token = (its size-weighted sum + its sources') / the new size. The
-    # kept A tokens are copied as they are (no multiply-divide of the whole sequence by the sizes).
-    xa, xb, sa, sb = x[:, ::2], x[:, 1::2], size[:, ::2], size[:, 1::2]
+    n_unm, N = Ta - r, T - r
+    # The new sequence is the kept A tokens then every B token, taken as whole rows (`take_tokens`).
+    # Each merged B token then gets its sources by the identity (s_b x_b + sum_i s_i x_i) / S =
+    # x_b + sum_i (s_i / S) (x_i - x_b), S = s_b + sum_i s_i, added in place from r rows per sample:
+    # the other rows are only copied, and nothing walks the sequence element by element.
+    b_idx = (2 * torch.arange(Tb, device=x.device) + 1).expand(B, -1)
+    new_x = take_tokens(x, torch.cat([2 * unm_idx, b_idx], 1))  # (B, N, D)
+    sa, sb = size[:, ::2], size[:, 1::2]
     s_src = sa.gather(1, src_idx)  # (B, r)
-    src = xa.gather(1, src_idx[..., None].expand(-1, -1, D)) * s_src[..., None]
     sb_new = sb.scatter_add(1, dst_idx, s_src)  # (B, Tb)
-    xb = (xb * sb[..., None]).scatter_add(1, dst_idx[..., None].expand(-1, -1, D), src) / sb_new[..., None]
-    unm = xa.gather(1, unm_idx[..., None].expand(-1, -1, D))
-    new_x = torch.cat([unm, xb], 1)  # (B, T - r, D)
+    diff = take_tokens(x, 2 * src_idx) - take_tokens(x, 2 * dst_idx + 1)  # (B, r, D)
+    add = diff * (s_src / sb_new.gather(1, dst_idx))[..., None]  # (B, r, D)
+    if torch.onnx.is_in_onnx_export():  # ONNX's index_add keeps one of repeated rows; scatter_add sums
+        new_x = new_x.scatter_add(1, (n_unm + dst_idx)[..., None].expand(-1, -1, D), add)
+    else:  # 4x faster than scatter_add on CPU
+        rows = n_unm + dst_idx + N * torch.arange(B, device=x.device)[:, None]  # rows of the flat new_x
+        new_x = new_x.view(B * N, D).index_add_(0, rows.view(-1), add.view(-1, D)).view(B, N, D)
     new_size = torch.cat([sa.gather(1, unm_idx), sb_new], 1)  # (B, T - r)
     if not positions:
         return new_x, new_size, None
-    n_unm = Ta - r
     pos_a = torch.empty(B, Ta, dtype=torch.long, device=x.device)
     pos_a.scatter_(1, unm_idx, torch.arange(n_unm, device=x.device).expand(B, -1))
     pos_a.scatter_(1, src_idx, n_unm + dst_idx)
     newpos = torch.empty(B, T, dtype=torch.long, device=x.device)
     newpos[:, ::2] = pos_a
-    newpos[:, 1::2] = n_unm + torch.arange(T - Ta, device=x.device)
+    newpos[:, 1::2] = n_unm + torch.arange(Tb, device=x.device)
     return new_x, new_size, newpos
 
 
@@ -115,12 +123,13 @@ def tome_forward(
     schedule = merge_schedule(vit.num_patches + 1, len(vit.blocks), check_r(r), multiple)
     for blk, k in zip(vit.blocks, schedule):
         bias = size.log()[:, None, None, :] if merged else None  # proportional attention
+        if k == 0:  # no merge here: no similarity metric to compute
+            t = blk.mlp_part(t + blk.attn(blk.norm1(t), bias))
+            continue
         h, keys = blk.attn(blk.norm1(t), bias, return_keys=True)
-        t = t + h
-        if k > 0:
-            t, size, newpos = bipartite_merge(t, size, keys, k, positions=track)
-            owner = newpos.gather(1, owner) if track else None
-            merged = True
+        t, size, newpos = bipartite_merge(t + h, size, keys, k, positions=track)
+        owner = newpos.gather(1, owner) if track else None
+        merged = True
         t = blk.mlp_part(t)
     return vit.forward_head(vit.norm(t)), owner
 

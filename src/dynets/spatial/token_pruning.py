@@ -36,6 +36,7 @@ from torch import nn
 from dynets.core.outputs import DynamicOutput, MultiExitOutput
 from dynets.core.registry import register_model
 from dynets.core.serialization import register_architecture
+from dynets.core.tensors import take_tokens
 from dynets.models.vit import ViT, ViTConfig, check_token_multiple, nearest_multiple, trunc_init_, vit_config
 from dynets.train.estimators import gumbel_softmax, sample_gumbel
 
@@ -302,7 +303,7 @@ class DynamicViT(ViT):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Top-k gather at each stage; returns logits and per-stage kept patch indices [(B, k_s)]."""
         t = self.embed(x)
-        B, N, D = t.shape[0], self.num_patches, t.shape[-1]
+        B, N = t.shape[0], self.num_patches
         orig = torch.arange(N, device=x.device).expand(B, N)  # original index of each present patch
         rho_t = t.new_full((B,), rho)
         counts = self.keep_counts(rho, token_multiple)
@@ -316,7 +317,7 @@ class DynamicViT(ViT):
             if counts[s] < t.shape[1] - 1:
                 score = keep_score(self.predictors[s](t[:, 1:], None, rho_t))  # (B, n)
                 idx = score.topk(counts[s], dim=1, sorted=False).indices.sort(1).values  # (B, k)
-                t = torch.cat([t[:, :1], t[:, 1:].gather(1, idx[..., None].expand(-1, -1, D))], 1)
+                t = take_tokens(t, torch.cat([idx.new_zeros(B, 1), idx + 1], 1))  # class token first
                 orig = orig.gather(1, idx)
             kept.append(orig)
         return self.forward_head(self.norm(t)), kept

@@ -246,7 +246,9 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
         weight_decay=0.05,
         grad_clip=1.0,
     )
-    base = [cfg.data, cfg.train_limit, cfg.seed, kw, tc, cfg.vit_epochs, cfg.vit_lr]
+    # a progress bar does not change training: the key always says progress off (as the keys of the
+    # models cached so far do), so a run with the bar reuses a model trained without it
+    base = [cfg.data, cfg.train_limit, cfg.seed, kw, {**tc, "progress": False}, cfg.vit_epochs, cfg.vit_lr]
     tc["progress"] = progress
     cache = cache_dir() / "bench"
     name = f"spatial_{cfg.data}"

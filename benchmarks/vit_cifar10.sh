@@ -31,6 +31,9 @@
 #   --dvit-lr 3e-4 --dvit-predictor-lr-scale 3 --json benchmarks/results/vit_cifar10_long_ft4_mid_ctrl_dlr3.json
 # and that again from the cache with --tome-r 10,11,8 --json benchmarks/results/vit_cifar10_long_ft4_mid_ctrl_dlr3_run2.json
 #   (and once more: ..._ctrl_dlr3_run3.json)
+# Session 20 (ToMe's merge and DynamicViT's gather by whole rows; the same models from the cache, ~13 min each):
+#   the _ctrl_dlr3_run2 flags plus --no-progress --json benchmarks/results/vit_cifar10_long_ft4_mid_ctrl_fastmerge.json
+#   (and again: ..._fastmerge_run2.json, ..._fastmerge_run3.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ " $* " == *" --json "* ]]; then

@@ -61,6 +61,8 @@ def test_bad_halting_thresholds_in_the_config_are_rejected_before_training():
         ("--finetune-epochs", "-2", "finetune_epochs: expected an int >= 1, got -2"),
         ("--dvit-lr", "0", "dvit_lr: expected a finite number > 0, got 0.0"),
         ("--dvit-predictor-lr-scale", "nan", "dvit_predictor_lr_scale: expected a finite number > 0, got"),
+        ("--tome-finetune-r", "0", "tome_finetune_r: expected an int >= 1 (tokens merged per block), got 0"),
+        ("--tome-finetune-r", "eleven", "--tome-finetune-r: invalid int value: 'eleven'"),
     ],
 )
 def test_the_cli_rejects_bad_halting_recipes_and_keep_ratios_before_training(capsys, flag, value, message):
@@ -77,6 +79,7 @@ def test_halting_recipe_flags_reach_the_config(monkeypatch):
         + ["--halting-epochs", "8"]
     )
     cfg = seen["cfg"]
+    assert cfg.tome_finetune_r is None  # off unless asked for
     assert cfg.halting_kw == {"target_depth": 3.5, "distr_weight": 1.0}
     assert (cfg.halting_epochs, cfg.finetune_epochs) == (8, 1)
     assert SpatialBenchConfig().halting_epochs is None  # A-ViT follows --finetune-epochs
@@ -124,3 +127,25 @@ def test_the_report_gives_the_drop_against_the_finetuned_static_where_the_contro
     assert row.endswith("| - | 0.675 | 0.90x | 1.20x | 1.05 |")
     md = spatial._markdown(_vit_result(False))
     assert "Control: the same static ViT" not in md and "fine-tuned static" not in md
+
+
+def test_the_finetuned_tome_flag_reaches_the_config_and_the_report_names_its_recipe(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(spatial, "run", lambda cfg, **kw: seen.setdefault("cfg", cfg) and {})
+    spatial.main(["--tome-finetune-r", "11", "--token-multiple", "8"])
+    assert (seen["cfg"].tome_finetune_r, seen["cfg"].token_multiple) == (11, 8)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=r"tome_finetune_r: expected an int >= 1"):
+            SpatialBenchConfig(tome_finetune_r=bad)
+    config = {"vit_epochs": 10, "finetune_epochs": 4, "vit_lr": 1e-3, "dvit_lr": 3e-4, "halting_lr": 3e-4}
+    line = spatial._training_line({**config, "tome_finetune_r": 11, "token_multiple": 16})
+    assert "ToMe untrained, and also fine-tuned from the static ViT with merging on (r = 11, lengths" in line
+    assert "multiples of 16) with the control's recipe" in line
+    assert "ToMe untrained. Speed-ups" in spatial._training_line(config)
+    # its rows are trained from the static ViT, so both drops are shown (unlike the untrained ToMe's)
+    r = _vit_result(True)
+    r["vit"]["methods"]["halting_0.99"].update(
+        family="merging (ToMe fine-tuned with merging at r = 11)", base="static"
+    )
+    row = next(line for line in spatial._markdown(r).splitlines() if line.startswith("| merging"))
+    assert row.endswith("| 0.31 | 0.675 | 0.90x | 1.20x | 1.05 |")

@@ -7,7 +7,8 @@ and images/s against the static ViT at batch 1 and 64 (`compare_wallclock`: one 
 alternating passes, medians). The control (on by default): the static ViT given the same extra
 fine-tune as the dynamic models, so that their extra epochs are not read as a dynamic gain; each
 row's `accuracy_drop_vs_finetuned` is against it, and so is the headline `static_acc`. ToMe, which
-needs no training, then merges on the control's weights.
+needs no training, then merges on the control's weights. Optionally (`--tome-finetune-r R`) a ToMe
+ViT is also trained: the control's fine-tune with merging on at r = R (ToMe's "trained" setting).
 
 Glance part: the static ResNet of `dynets.models.resnet` and `glance_focus` trained with the same
 schedule; accuracy vs mean FLOPs over confidence thresholds, an operating point calibrated on
@@ -44,7 +45,7 @@ from dynets.data import DATASET_STATS, cache_dir, load_dataset
 from dynets.models.vit import check_token_multiple
 from dynets.policies.calibration import calibrate
 from dynets.spatial.halting import HaltingViT, HaltingViTConfig, check_threshold
-from dynets.spatial.merging import check_r, tome, tome_cost
+from dynets.spatial.merging import ToMeViT, check_r, tome, tome_cost
 from dynets.spatial.plots import plot_glance_focus, plot_halting_depth, plot_kept_patches, plot_merged_groups
 from dynets.spatial.token_pruning import DynamicViT, DynamicViTConfig, check_keep_ratio, check_prune_after
 from dynets.train import TrainConfig, train
@@ -86,6 +87,10 @@ class SpatialBenchConfig:
     halting_kw: dict = field(default_factory=dict)
     halting_thresholds: tuple[float, ...] = (0.99,)
     tome_r: tuple[int, ...] = (4, 8)
+    # also fine-tune a ToMe ViT with merging on (this r per block, lengths rounded to token_multiple)
+    # from the static ViT, with the control's recipe (ToMe's "trained" setting); its rows evaluate it at
+    # every tome_r (None: off)
+    tome_finetune_r: int | None = None
     # glance and focus vs the static ResNet, trained with the same schedule
     cnn_epochs: int = 3
     cnn_lr: float = 0.1
@@ -103,6 +108,9 @@ class SpatialBenchConfig:
             raise ValueError(f"parts: expected a non-empty subset of ('vit', 'glance'), got {self.parts}")
         for r in self.tome_r:
             check_r(r)
+        r = self.tome_finetune_r
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+            raise ValueError(f"tome_finetune_r: expected an int >= 1 (tokens merged per block), got {r!r}")
         check_token_multiple(self.token_multiple)
         self.halting_thresholds = tuple(check_threshold(t) for t in self.halting_thresholds)
         if not self.keep_ratios:
@@ -172,9 +180,13 @@ def _evaluate(fn: Callable[[torch.Tensor], object], data, bs: int = 256) -> dict
 
 
 def _timing(static_fn, dyn_fn, x: torch.Tensor, cfg: SpatialBenchConfig) -> dict:
+    # the two alternate over groups of batches within each round (as in the early-exit benchmark), so
+    # that the host's load drifts over both alike: with whole passes (before session 20) the same
+    # models' b64 speed-ups moved by up to 0.15x from run to run
     res = {}
     for bs, n in ((1, cfg.b1_samples), (64, cfg.b64_samples)):
-        wc = compare_wallclock(static_fn, dyn_fn, split_batches(x[:n], bs), rounds=cfg.rounds)
+        batches = split_batches(x[:n], bs)
+        wc = compare_wallclock(static_fn, dyn_fn, batches, rounds=cfg.rounds, chunks=min(10, len(batches)))
         res[f"b{bs}"] = wc
     return res
 
@@ -317,26 +329,27 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
     full = static.full_cost()
     static_row = {**_evaluate(static, test_set), "mean_flops": full}
     _log(f"static ViT: accuracy {static_row['accuracy']:.4f}, {full / 1e6:.1f} MFLOPs")
+    # The control's recipe (also the fine-tuned ToMe's). A-ViT's loss is CE + distill_weight *
+    # KL(teacher || student) at temperature 1; the loop's kd form (1 - kd) CE + kd KL with
+    # kd = w / (1 + w) is the same objective times 1 / (1 + w), which AdamW's update does not see (up
+    # to eps and the gradient clip). As long as the longest dynamic fine-tune (A-ViT's may be longer).
+    w = HaltingViTConfig(**{**cfg.vit_kw, **cfg.halting_kw}).distill_weight
+    kd = dict(kd=w / (1 + w), temperature=1.0) if w else {}
+    c_epochs = max(cfg.finetune_epochs, h_epochs)
+    c_extra = [["epochs", c_epochs]] if c_epochs != cfg.finetune_epochs else []
+    c_tc = TrainConfig(**ft_schedule(c_epochs), lr=cfg.halting_lr, **kd)
     if cfg.static_finetune:
-        # A-ViT's loss is CE + distill_weight * KL(teacher || student) at temperature 1; the loop's kd
-        # form (1 - kd) CE + kd KL with kd = w / (1 + w) is the same objective times 1 / (1 + w), which
-        # AdamW's update does not see (up to eps and the gradient clip)
-        w = HaltingViTConfig(**{**cfg.vit_kw, **cfg.halting_kw}).distill_weight
 
         def build_static_ft():
             m = create_model("vit_tiny", **kw)
             m.load_state_dict(static.state_dict())
             return m.train()
 
-        kd = dict(kd=w / (1 + w), temperature=1.0) if w else {}
-        # as long as the longest dynamic fine-tune (A-ViT's may be longer: --halting-epochs)
-        c_epochs = max(cfg.finetune_epochs, h_epochs)
-        c_extra = [["epochs", c_epochs]] if c_epochs != cfg.finetune_epochs else []
         static_ft = _trained(
             cache / f"{name}-vitft-{_key(ft_key + [cfg.halting_lr, kd] + c_extra)}",
             build_static_ft,
             train_set,
-            TrainConfig(**ft_schedule(c_epochs), lr=cfg.halting_lr, **kd),
+            c_tc,
             cfg.seed,
             "static ViT fine-tuned like the dynamic models (control)",
             teacher=static if w else None,
@@ -349,6 +362,19 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
         _log(f"static ViT fine-tuned {c_epochs} more epoch(s) (control): accuracy {ft_acc:.4f}")
     else:
         static_ft = None
+    tome_ft, ft_r = None, cfg.tome_finetune_r
+    if ft_r:  # ToMe trained: merging on during the control's fine-tune (from the 10-epoch static ViT)
+        ft_m = cfg.token_multiple
+        tome_ft = _trained(
+            cache / f"{name}-tomeft-{_key(ft_key + [cfg.halting_lr, kd, ['epochs', c_epochs], ft_r, ft_m])}",
+            lambda: ToMeViT.from_static(static, merge_r=ft_r, token_multiple=ft_m).train(),
+            train_set,
+            c_tc,
+            cfg.seed,
+            f"ToMe ViT fine-tuned with merging (r = {ft_r}, multiples of {ft_m})",
+            teacher=static if w else None,
+        ).eval()
+        static_row["tome_finetune"] = {"r": ft_r, "token_multiple": ft_m, "epochs": c_epochs}
     # ToMe needs no training, so it merges on the best static ViT there is: the control where it ran,
     # so that its drop against that control is like for like (the same weights, fewer tokens)
     tm = tome(static if static_ft is None else static_ft, 0).eval()
@@ -376,6 +402,16 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
                 f"merging (ToMe, no training{on}), onto lengths that are multiples of {cfg.token_multiple}",
                 r,
             )
+    if tome_ft is not None:
+        ft_family = f"merging (ToMe fine-tuned with merging at r = {ft_r}"
+        for r in cfg.tome_r:
+            methods[f"tomeft_r{r}"] = (lambda x, r=r: tome_ft(x, r=r, token_multiple=1), ft_family + ")", r)
+            if cfg.token_multiple > 1:
+                methods[f"tomeft_r{r}_m{cfg.token_multiple}"] = (
+                    lambda x, r=r: tome_ft(x, r=r, token_multiple=cfg.token_multiple),
+                    f"{ft_family}), onto lengths that are multiples of {cfg.token_multiple}",
+                    r,
+                )
     rows = {}
     xt = test_set.x
     for key, (fn, family, setting) in methods.items():
@@ -386,7 +422,7 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
             "setting": setting,
             # the weights it starts from: the static ViT (fine-tuned further where trained) or,
             # for ToMe with the control on, the fine-tuned static ViT itself
-            "base": "finetuned_static" if key.startswith("tome") and static_ft is not None else "static",
+            "base": "finetuned_static" if key.startswith("tome_") and static_ft is not None else "static",
             **ev,
             "accuracy_drop": static_row["accuracy"] - ev["accuracy"],
             **(
@@ -446,7 +482,7 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
 def _plot_vit(static_row: dict, rows: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     colors = plt.get_cmap("tab20").colors  # one colour per row (up to 20), one marker per family
-    markers = {"dynamicvit": "o", "halting": "s", "tome": "^"}
+    markers = {"dynamicvit": "o", "halting": "s", "tome": "^", "tomeft": "v"}
     for ax, b in zip(axes, ("b1", "b64")):
         ax.axhline(100 * static_row["accuracy"], color="gold", ls="--", label="static ViT")
         if "finetuned_accuracy" in static_row:
@@ -574,14 +610,21 @@ def _training_line(c: dict) -> str:
     )
     he = c.get("halting_epochs")
     h_epochs = f" and {he}" if he and he != c["finetune_epochs"] else ""
+    r = c.get("tome_finetune_r")
+    tome_ft = (
+        f", and also fine-tuned from the static ViT with merging on (r = {r}, lengths rounded to multiples "
+        f"of {c.get('token_multiple', 16)}) with the control's recipe"
+        if r
+        else ""
+    )
     return (
         f"Training: the static ViT {c['vit_epochs']} epochs on {n} (lr {c['vit_lr']}); DynamicViT "
         f"and A-ViT fine-tuned from it for {c['finetune_epochs']}{h_epochs} epoch(s) "
         f"(DynamicViT lr {c['dvit_lr']}, "
         f"its keep predictors x{c.get('dvit_predictor_lr_scale', 1.0):g} after blocks "
         f"{', '.join(map(str, c.get('dvit_prune_after', (1, 3, 4))))} (0-based); "
-        f"A-ViT lr {c['halting_lr']}{recipe}); ToMe untrained. Speed-ups: images/s vs the static ViT in the "
-        "same process, alternating passes, medians."
+        f"A-ViT lr {c['halting_lr']}{recipe}); ToMe untrained{tome_ft}. Speed-ups: images/s vs the "
+        "static ViT in the same process, alternating passes, medians."
     )
 
 
@@ -721,6 +764,13 @@ def main(argv: list[str] | None = None) -> int:
     ):
         p.add_argument(flag, type=float, default=None, help=hint + "; part of the A-ViT cache key")
     p.add_argument("--tome-r", default=None, help="comma-separated ToMe merge counts per block (default 4,8)")
+    p.add_argument(
+        "--tome-finetune-r",
+        type=int,
+        default=None,
+        help="also fine-tune a ToMe ViT with merging on at this r (lengths rounded to --token-multiple) with "
+        "the control's recipe, and evaluate it at every --tome-r (default: off)",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--out", default=None, help="folder for the Markdown and PNGs (default: beside --json)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the benchmark's setting: 2)")
@@ -731,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
         return {n: getattr(a, prefix + n) for n in names if getattr(a, prefix + n) is not None}
 
     epochs = ("vit_epochs", "finetune_epochs", "halting_epochs", "cnn_epochs")
-    extra = given(*epochs, "dvit_lr", "dvit_predictor_lr_scale", "token_multiple")
+    extra = given(*epochs, "dvit_lr", "dvit_predictor_lr_scale", "token_multiple", "tome_finetune_r")
     halting_kw = given("target_depth", "distr_weight", "ponder_weight", prefix="halting_")
     if halting_kw:
         extra["halting_kw"] = halting_kw

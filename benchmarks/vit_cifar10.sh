@@ -33,7 +33,12 @@
 #   (and once more: ..._ctrl_dlr3_run3.json)
 # Session 20 (ToMe's merge and DynamicViT's gather by whole rows; the same models from the cache, ~13 min each):
 #   the _ctrl_dlr3_run2 flags plus --no-progress --json benchmarks/results/vit_cifar10_long_ft4_mid_ctrl_fastmerge.json
-#   (and again: ..._fastmerge_run2.json, ..._fastmerge_run3.json)
+#   (and again: ..._fastmerge_run2.json, ..._fastmerge_run3.json with --tome-r 10,11,8,9)
+# and ToMe fine-tuned with merging on at r = 11 (~15 min to train; timing now alternates over groups of batches):
+#   benchmarks/vit_cifar10.sh --parts vit --train-limit 0 --vit-epochs 10 --finetune-epochs 4 --tome-r 11,10,9,8 \
+#   --tome-finetune-r 11 --dvit-prune-after 1,2,4 --keep-ratios 0.7,0.8 --halting-thresholds 0.99 \
+#   --halting-target-depth 3.5 --halting-distr-weight 1.0 --dvit-lr 3e-4 --dvit-predictor-lr-scale 3 \
+#   --no-progress --json benchmarks/results/vit_cifar10_long_ft4_mid_ctrl_tomeft.json   (again: ..._tomeft_run2.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ " $* " == *" --json "* ]]; then

@@ -142,6 +142,7 @@ def test_the_finetuned_tome_flag_reaches_the_config_and_the_report_names_its_rec
     assert "ToMe untrained, and also fine-tuned from the static ViT with merging on (r = 11, lengths" in line
     assert "multiples of 16) with the control's recipe" in line
     assert "ToMe untrained. Speed-ups" in spatial._training_line(config)
+    assert "alternating over groups of batches, medians" in line
     # its rows are trained from the static ViT, so both drops are shown (unlike the untrained ToMe's)
     r = _vit_result(True)
     r["vit"]["methods"]["halting_0.99"].update(

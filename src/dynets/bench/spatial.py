@@ -624,7 +624,7 @@ def _training_line(c: dict) -> str:
         f"its keep predictors x{c.get('dvit_predictor_lr_scale', 1.0):g} after blocks "
         f"{', '.join(map(str, c.get('dvit_prune_after', (1, 3, 4))))} (0-based); "
         f"A-ViT lr {c['halting_lr']}{recipe}); ToMe untrained{tome_ft}. Speed-ups: images/s vs the "
-        "static ViT in the same process, alternating passes, medians."
+        "static ViT in the same process, alternating over groups of batches, medians."
     )
 
 

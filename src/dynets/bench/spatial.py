@@ -182,7 +182,7 @@ def _evaluate(fn: Callable[[torch.Tensor], object], data, bs: int = 256) -> dict
 def _timing(static_fn, dyn_fn, x: torch.Tensor, cfg: SpatialBenchConfig) -> dict:
     # the two alternate over groups of batches within each round (as in the early-exit benchmark), so
     # that the host's load drifts over both alike: with whole passes (before session 20) the same
-    # models' b64 speed-ups moved by up to 0.15x from run to run
+    # models' b64 speed-ups moved by up to 0.16x from run to run
     res = {}
     for bs, n in ((1, cfg.b1_samples), (64, cfg.b64_samples)):
         batches = split_batches(x[:n], bs)

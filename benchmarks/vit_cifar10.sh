@@ -39,6 +39,14 @@
 #   --tome-finetune-r 11 --dvit-prune-after 1,2,4 --keep-ratios 0.7,0.8 --halting-thresholds 0.99 \
 #   --halting-target-depth 3.5 --halting-distr-weight 1.0 --dvit-lr 3e-4 --dvit-predictor-lr-scale 3 \
 #   --no-progress --json benchmarks/results/vit_cifar10_long_ft4_mid_ctrl_tomeft.json   (again: ..._tomeft_run2.json)
+# Session 21 (ToMe fine-tuned with merging at r = 9 and at r = 12, ~14 min each to train; fewer rows):
+#   benchmarks/vit_cifar10.sh --parts vit --train-limit 0 --vit-epochs 10 --finetune-epochs 4 --tome-r 9,8 \
+#   --tome-finetune-r 9 --dvit-prune-after 1,2,4 --keep-ratios 0.7 --halting-thresholds 0.99 \
+#   --halting-target-depth 3.5 --halting-distr-weight 1.0 --dvit-lr 3e-4 --dvit-predictor-lr-scale 3 \
+#   --no-progress --json benchmarks/results/vit_cifar10_long_ft4_mid_ctrl_tomeft9.json
+#   and the same with --tome-r 12,11 --tome-finetune-r 12 --json benchmarks/results/vit_cifar10_long_ft4_mid_ctrl_tomeft12.json
+#   (from the cache with --tome-r 13,12: ..._tomeft12_run2.json), with --tome-r 14,13 --tome-finetune-r 13
+#   --json ..._tomeft13.json, and the r = 9 model again from the cache with --tome-r 9,10: ..._tomeft9_run2.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ " $* " == *" --json "* ]]; then

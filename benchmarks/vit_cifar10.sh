@@ -47,6 +47,7 @@
 #   and the same with --tome-r 12,11 --tome-finetune-r 12 --json benchmarks/results/vit_cifar10_long_ft4_mid_ctrl_tomeft12.json
 #   (from the cache with --tome-r 13,12: ..._tomeft12_run2.json), with --tome-r 14,13 --tome-finetune-r 13
 #   --json ..._tomeft13.json, and the r = 9 model again from the cache with --tome-r 9,10: ..._tomeft9_run2.json
+#   and with --tome-r 10 --tome-finetune-r 10 --json ..._tomeft10.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ " $* " == *" --json "* ]]; then

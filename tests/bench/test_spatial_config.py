@@ -1,6 +1,7 @@
 """The spatial benchmark's settings: DynamicViT's prune stages are checked before any training."""
 
 import pytest
+import torch
 
 from dynets.bench import spatial
 from dynets.bench.common import cpu_model
@@ -150,3 +151,81 @@ def test_the_finetuned_tome_flag_reaches_the_config_and_the_report_names_its_rec
     )
     row = next(line for line in spatial._markdown(r).splitlines() if line.startswith("| merging"))
     assert row.endswith("| 0.31 | 0.675 | 0.90x | 1.20x | 1.05 |")
+
+
+def test_the_compile_flag_reaches_the_config_and_the_report_says_what_ran_compiled(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(spatial, "run", lambda cfg, **kw: seen.setdefault("cfg", cfg) and {})
+    monkeypatch.setattr(spatial, "check_compiler", lambda: "g++")
+    spatial.main(["--compile"])
+    assert seen["cfg"].compile is True
+    assert SpatialBenchConfig().compile is False  # eager timing unless asked for
+    config = {"vit_epochs": 10, "finetune_epochs": 4, "vit_lr": 1e-3, "dvit_lr": 3e-4, "halting_lr": 3e-4}
+    line = spatial._training_line({**config, "compile": True})
+    assert "**Compiled timing** (`--compile`)" in line and "A-ViT, whose token counts" in line
+    assert "Compiled" not in spatial._training_line(config)
+
+
+def test_compile_without_a_cxx_compiler_is_refused_before_any_training(monkeypatch):
+    monkeypatch.setattr(spatial.shutil, "which", lambda name: None)
+    monkeypatch.setenv("CXX", "my-cxx")
+    with pytest.raises(
+        ValueError, match=r"compile: expected a C\+\+ compiler .*'my-cxx', 'g\+\+'.* found none"
+    ):
+        SpatialBenchConfig(compile=True)
+
+
+def test_timing_compiles_the_sides_it_is_told_to_afresh_for_each_batch_size(monkeypatch):
+    """torch.compile replaced by a recorder: which side is compiled, with dynamic=False, and compiled
+    (called) on the first and last batch shape before compare_wallclock times it."""
+    compiled, calls, resets = [], [], []
+
+    def fake_compile(fn, dynamic=None):
+        compiled.append((fn.__name__, dynamic))
+        return lambda b: calls.append((fn.__name__, b.shape[0])) or fn(b)
+
+    monkeypatch.setattr(spatial.torch, "compile", fake_compile)
+    monkeypatch.setattr(spatial.torch._dynamo, "reset", lambda: resets.append(1))
+    timed = []
+    monkeypatch.setattr(
+        spatial, "compare_wallclock", lambda s, d, batches, **kw: timed.append((s, d)) or {"speedup": 1.0}
+    )
+
+    def static(b):
+        return b
+
+    def dynamic(b):
+        return b
+
+    cfg = SpatialBenchConfig(b1_samples=3, b64_samples=70)
+    x = torch.zeros(70, 3, 32, 32)
+    res = spatial._timing(static, dynamic, x, cfg, (True, True))
+    assert compiled == [("static", False), ("dynamic", False)] * 2 and len(resets) == 2
+    # warmed (compiled) on batch 1, and at b64 on the full batch and the last, shorter one (6 images)
+    assert calls[:2] == [("static", 1), ("dynamic", 1)]
+    assert calls[2:] == [("static", 64), ("dynamic", 64), ("static", 6), ("dynamic", 6)]
+    assert res["b64"]["compiled"] == {"static": True, "dynamic": True}
+    compiled.clear()
+    res = spatial._timing(static, dynamic, x, cfg, (True, False))  # A-ViT: the dynamic side eager
+    assert compiled == [("static", False)] * 2 and timed[-1][1] is dynamic
+    assert res["b1"]["compiled"] == {"static": True, "dynamic": False}
+    compiled.clear()
+    res = spatial._timing(static, dynamic, x, cfg)  # the default: both eager, nothing reset
+    assert compiled == [] and len(resets) == 4 and timed[-1] == (static, dynamic)
+
+
+def test_a_traced_tome_vit_gives_the_eager_logits_decisions_and_flops():
+    """dynamo traces the whole call, DynamicOutput included (backend aot_eager: no C++ compiler needed;
+    the benchmark's inductor backend only changes how the same graphs run)."""
+    from dynets.spatial.merging import ToMeViT, ToMeViTConfig
+
+    torch.manual_seed(0)
+    m = ToMeViT(ToMeViTConfig(dim=32, depth=2, heads=2, mlp_ratio=2.0, merge_r=8, token_multiple=16)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        eager, comp = m(x), torch.compile(lambda b: m(b), dynamic=False, backend="aot_eager")(x)
+    torch.testing.assert_close(comp.logits, eager.logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(comp.flops, eager.flops) and torch.equal(
+        comp.decisions["tokens"], eager.decisions["tokens"]
+    )

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -101,8 +103,15 @@ class SpatialBenchConfig:
     b64_samples: int = 2048
     rounds: int = 5
     threads: int = 2
+    # ViT part: time the static ViT and every method whose token counts are fixed for a batch size
+    # (DynamicViT, ToMe) compiled by torch.compile (dynamic=False, one graph per batch size), so that
+    # both sides run without eager's per-op overhead. A-ViT's counts depend on the input (a new shape
+    # nearly every batch), so it stays eager against the compiled static ViT. Needs a C++ compiler.
+    compile: bool = False
 
     def __post_init__(self) -> None:
+        if self.compile:
+            check_compiler()
         bad = sorted(set(self.parts) - {"vit", "glance"})
         if bad or not self.parts:
             raise ValueError(f"parts: expected a non-empty subset of ('vit', 'glance'), got {self.parts}")
@@ -179,15 +188,40 @@ def _evaluate(fn: Callable[[torch.Tensor], object], data, bs: int = 256) -> dict
     return {"accuracy": correct / len(data), "mean_flops": float(torch.cat(flops).mean())}
 
 
-def _timing(static_fn, dyn_fn, x: torch.Tensor, cfg: SpatialBenchConfig) -> dict:
+def check_compiler() -> str:
+    """The C++ compiler torch.compile's CPU backend builds its kernels with (CXX, else g++ / clang++ /
+    c++ on PATH), or a clear error before any training when there is none."""
+    names = [n for n in (os.environ.get("CXX"), "g++", "clang++", "c++") if n]
+    for n in names:
+        if shutil.which(n):
+            return n
+    raise ValueError(
+        f"compile: expected a C++ compiler for torch.compile on CPU (one of {names}), found none"
+    )
+
+
+def _timing(
+    static_fn, dyn_fn, x: torch.Tensor, cfg: SpatialBenchConfig, compile: tuple[bool, bool] = (False, False)
+) -> dict:
+    """compare_wallclock at batch 1 and 64. compile = (static, dynamic): which side runs compiled,
+    with a fresh compile per batch size (dynamo's caches reset, so that no earlier method's graphs
+    or recompile counts carry over), compiled on the first and last batch before any timing."""
     # the two alternate over groups of batches within each round (as in the early-exit benchmark), so
     # that the host's load drifts over both alike: with whole passes (before session 20) the same
     # models' b64 speed-ups moved by up to 0.16x from run to run
     res = {}
     for bs, n in ((1, cfg.b1_samples), (64, cfg.b64_samples)):
         batches = split_batches(x[:n], bs)
-        wc = compare_wallclock(static_fn, dyn_fn, batches, rounds=cfg.rounds, chunks=min(10, len(batches)))
-        res[f"b{bs}"] = wc
+        s_fn, d_fn = static_fn, dyn_fn
+        if any(compile):
+            torch._dynamo.reset()
+            s_fn = torch.compile(static_fn, dynamic=False) if compile[0] else static_fn
+            d_fn = torch.compile(dyn_fn, dynamic=False) if compile[1] else dyn_fn
+            with torch.inference_mode():  # the mode the timing runs in (dynamo guards on it)
+                for b in {batches[0].shape[0]: batches[0], batches[-1].shape[0]: batches[-1]}.values():
+                    s_fn(b), d_fn(b)
+        wc = compare_wallclock(s_fn, d_fn, batches, rounds=cfg.rounds, chunks=min(10, len(batches)))
+        res[f"b{bs}"] = {**wc, "compiled": {"static": compile[0], "dynamic": compile[1]}}
     return res
 
 
@@ -416,7 +450,10 @@ def _vit_part(cfg, train_set, val_set, test_set, data_kw, out, stem, progress) -
     xt = test_set.x
     for key, (fn, family, setting) in methods.items():
         ev = _evaluate(fn, test_set)
-        wc = _timing(static.forward_static, fn, xt, cfg)
+        # A-ViT: token counts that change with the input would recompile nearly every batch
+        wc = _timing(
+            static.forward_static, fn, xt, cfg, (cfg.compile, cfg.compile and not key.startswith("halting"))
+        )
         rows[key] = {
             "family": family,
             "setting": setting,
@@ -625,6 +662,13 @@ def _training_line(c: dict) -> str:
         f"{', '.join(map(str, c.get('dvit_prune_after', (1, 3, 4))))} (0-based); "
         f"A-ViT lr {c['halting_lr']}{recipe}); ToMe untrained{tome_ft}. Speed-ups: images/s vs the "
         "static ViT in the same process, alternating over groups of batches, medians."
+        + (
+            " **Compiled timing** (`--compile`): the static ViT, DynamicViT and ToMe run compiled by "
+            "torch.compile (dynamic=False, compiled afresh for each batch size before timing); A-ViT, whose "
+            "token counts change with the input, runs eager against the compiled static ViT."
+            if c.get("compile")
+            else ""
+        )
     )
 
 
@@ -774,6 +818,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--out", default=None, help="folder for the Markdown and PNGs (default: beside --json)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the benchmark's setting: 2)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="time the static ViT, DynamicViT and ToMe compiled by torch.compile (A-ViT stays eager; "
+        "needs a C++ compiler)",
+    )
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
 
@@ -787,6 +837,8 @@ def main(argv: list[str] | None = None) -> int:
         extra["halting_kw"] = halting_kw
     if a.no_static_finetune:
         extra["static_finetune"] = False
+    if a.compile:
+        extra["compile"] = True
     if a.limit:
         extra.update(train_limit=a.limit, test_limit=a.limit, val_limit=a.limit)
     if a.train_limit is not None:

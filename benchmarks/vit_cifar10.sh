@@ -48,6 +48,9 @@
 #   (from the cache with --tome-r 13,12: ..._tomeft12_run2.json), with --tome-r 14,13 --tome-finetune-r 13
 #   --json ..._tomeft13.json, and the r = 9 model again from the cache with --tome-r 9,10: ..._tomeft9_run2.json
 #   and with --tome-r 10 --tome-finetune-r 10 --json ..._tomeft10.json
+# Session 22 (compiled timing: the static ViT, DynamicViT and ToMe timed compiled by torch.compile; models from the
+#   cache, 7-13 min): the _tomeft9 command above plus --compile --json benchmarks/results/vit_cifar10_long_ft4_mid_ctrl_tomeft9_compiled.json,
+#   and with --tome-r 13 --tome-finetune-r 13 --compile --json ..._tomeft13_compiled.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ " $* " == *" --json "* ]]; then

@@ -201,9 +201,9 @@ def check_compiler() -> str:
 
 
 def _timing(
-    static_fn, dyn_fn, x: torch.Tensor, cfg: SpatialBenchConfig, compile: tuple[bool, bool] = (False, False)
+    static_fn, dyn_fn, x: torch.Tensor, cfg: SpatialBenchConfig, compiled: tuple[bool, bool] = (False, False)
 ) -> dict:
-    """compare_wallclock at batch 1 and 64. compile = (static, dynamic): which side runs compiled,
+    """compare_wallclock at batch 1 and 64. compiled = (static, dynamic): which side runs compiled,
     with a fresh compile per batch size (dynamo's caches reset, so that no earlier method's graphs
     or recompile counts carry over), compiled on the first and last batch before any timing."""
     # the two alternate over groups of batches within each round (as in the early-exit benchmark), so
@@ -213,15 +213,15 @@ def _timing(
     for bs, n in ((1, cfg.b1_samples), (64, cfg.b64_samples)):
         batches = split_batches(x[:n], bs)
         s_fn, d_fn = static_fn, dyn_fn
-        if any(compile):
+        if any(compiled):
             torch._dynamo.reset()
-            s_fn = torch.compile(static_fn, dynamic=False) if compile[0] else static_fn
-            d_fn = torch.compile(dyn_fn, dynamic=False) if compile[1] else dyn_fn
+            s_fn = torch.compile(static_fn, dynamic=False) if compiled[0] else static_fn
+            d_fn = torch.compile(dyn_fn, dynamic=False) if compiled[1] else dyn_fn
             with torch.inference_mode():  # the mode the timing runs in (dynamo guards on it)
                 for b in {batches[0].shape[0]: batches[0], batches[-1].shape[0]: batches[-1]}.values():
                     s_fn(b), d_fn(b)
         wc = compare_wallclock(s_fn, d_fn, batches, rounds=cfg.rounds, chunks=min(10, len(batches)))
-        res[f"b{bs}"] = {**wc, "compiled": {"static": compile[0], "dynamic": compile[1]}}
+        res[f"b{bs}"] = {**wc, "compiled": {"static": compiled[0], "dynamic": compiled[1]}}
     return res
 
 
